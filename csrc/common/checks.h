@@ -1,0 +1,12 @@
+// Argument checks shared by the compiled kernels. The Python layer validates user input with clear
+// messages first; these guard the kernels' own contract (contiguity, dtype, device) when called directly.
+#pragma once
+
+#include <ATen/core/Tensor.h>
+#include <c10/util/Exception.h>
+
+#define DDFAST_CHECK_CONTIGUOUS(x) TORCH_CHECK((x).is_contiguous(), #x " must be contiguous")
+#define DDFAST_CHECK_DIM(x, d) TORCH_CHECK((x).dim() == (d), #x " must have ", (d), " dimensions, got ", (x).dim())
+#define DDFAST_CHECK_DTYPE(x, t) TORCH_CHECK((x).scalar_type() == (t), #x " must be ", (t), ", got ", (x).scalar_type())
+#define DDFAST_CHECK_DEVICE(x, dev) \
+  TORCH_CHECK((x).device().type() == (dev), #x " must be on ", (dev), ", got ", (x).device())

@@ -1,0 +1,22 @@
+// ATen's SIMD vector types for ddfast's CPU kernels.
+//
+// ATen picks the vector width from CPU_CAPABILITY_* macros that its own build sets per translation
+// unit; an extension must set them itself or it gets the scalar fallback. ddfast's extensions are
+// compiled for the building machine (-march, see ddfast/_extension.py), so the compiler's target
+// macros tell which instruction set is safe to use.
+#pragma once
+
+#if !defined(CPU_CAPABILITY_AVX512) && !defined(CPU_CAPABILITY_AVX2)
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512DQ__) && defined(__AVX512VL__)
+#define CPU_CAPABILITY_AVX512
+#elif defined(__AVX2__) && defined(__FMA__)
+#define CPU_CAPABILITY_AVX2
+#endif
+#endif
+
+#include <ATen/cpu/vec/vec.h>
+
+namespace ddfast {
+template <typename T>
+using Vec = at::vec::Vectorized<T>;
+}  // namespace ddfast

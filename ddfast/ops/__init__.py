@@ -1,0 +1,1 @@
+"""The fused operations, one folder each: plain-torch reference beside every backend."""
