@@ -1,3 +1,5 @@
 """ddfast: fused, compiled kernels for dataset distillation."""
 
 __version__ = "0.1.0"
+
+from ddfast.ops.trajectory_mse import TrajectoryMSE, trajectory_mse  # noqa: E402
