@@ -1,12 +1,13 @@
 // trajectory_mse on the CPU: one pass over every parameter tensor of B trajectories.
 //
-// Inputs are three lists (student, start, target) of contiguous (B, n_i) tensors of one dtype. Work is
+// Inputs are three lists (student, start, target) of contiguous tensors of one dtype, tensor i seen as
+// a (B, n_i) matrix (n_i = numel / B), and B. Work is
 // cut into items of at most kChunk elements of one row of one tensor; each item sums its squared
 // differences in the accumulation type (float for half / bfloat16 / float, double for double) and
 // writes its own partial, and the partials of a trajectory are then added in double in a fixed order.
 // The rounding error is thus bounded by the chunk length, not by P, and does not depend on threads.
 //
-//   forward(student, start, target) -> (loss, den)        (B,) each, accumulation type
+//   forward(student, start, target, B) -> (loss, den)     (B,) each, accumulation type
 //   backward(grad, loss, den, student, start, target, needs) -> the gradients flagged in `needs`
 //     (3n flags: student's tensors, then start's, then target's), in that order.
 // With a = 2 grad_b / den_b and c = a * loss_b:
@@ -51,21 +52,21 @@ struct Plan {
   std::vector<Item> items;
 };
 
-Plan make_plan(at::TensorList student, at::TensorList start, at::TensorList target) {
+Plan make_plan(at::TensorList student, at::TensorList start, at::TensorList target, int64_t trajectories) {
   TORCH_CHECK(!student.empty(), "trajectory_mse: student is empty");
   TORCH_CHECK(start.size() == student.size() && target.size() == student.size(),
               "trajectory_mse: student, start and target must hold the same number of tensors");
-  Plan plan{student[0].size(0), {}, {}};
+  TORCH_CHECK(trajectories > 0, "trajectory_mse: B must be positive");
+  Plan plan{trajectories, {}, {}};
   for (size_t i = 0; i < student.size(); ++i) {
     for (const Tensor& x : {student[i], start[i], target[i]}) {
       DDFAST_CHECK_DEVICE(x, at::kCPU);
       DDFAST_CHECK_CONTIGUOUS(x);
-      DDFAST_CHECK_DIM(x, 2);
       DDFAST_CHECK_DTYPE(x, student[0].scalar_type());
       TORCH_CHECK(x.sizes() == student[i].sizes(), "trajectory_mse: shapes differ at tensor ", i);
-      TORCH_CHECK(x.size(0) == plan.trajectories, "trajectory_mse: every tensor must have B rows");
     }
-    const int64_t n = student[i].size(1);
+    TORCH_CHECK(student[i].numel() % trajectories == 0, "trajectory_mse: tensor ", i, " does not split into B rows");
+    const int64_t n = student[i].numel() / trajectories;
     plan.row.push_back(n);
     for (int64_t begin = 0; begin < n; begin += kChunk) {
       plan.items.push_back({static_cast<int64_t>(i), begin, std::min(begin + kChunk, n)});
@@ -257,15 +258,15 @@ void check_per_trajectory(const Tensor& x, const char* name, int64_t trajectorie
               "trajectory_mse backward: ", name, " must be a (", trajectories, ",) CPU tensor of ", dtype);
 }
 
-std::tuple<Tensor, Tensor> forward(at::TensorList student, at::TensorList start, at::TensorList target) {
-  const Plan plan = make_plan(student, start, target);
+std::tuple<Tensor, Tensor> forward(at::TensorList student, at::TensorList start, at::TensorList target, int64_t trajectories) {
+  const Plan plan = make_plan(student, start, target, trajectories);
   return AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, student[0].scalar_type(), "trajectory_mse_forward_cpu",
                                          [&] { return forward_typed<scalar_t>(plan, student, start, target); });
 }
 
 std::vector<Tensor> backward(const Tensor& grad, const Tensor& loss, const Tensor& den, at::TensorList student,
                              at::TensorList start, at::TensorList target, const c10::List<bool>& need_flags) {
-  const Plan plan = make_plan(student, start, target);
+  const Plan plan = make_plan(student, start, target, grad.numel());
   TORCH_CHECK(need_flags.size() == 3 * student.size(), "trajectory_mse backward: needs must hold 3 flags per tensor");
   const std::vector<char> needs(need_flags.begin(), need_flags.end());
   const auto acc = student[0].scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
@@ -280,7 +281,7 @@ std::vector<Tensor> backward(const Tensor& grad, const Tensor& loss, const Tenso
 }  // namespace
 
 TORCH_LIBRARY(ddfast_trajectory_mse_cpu, m) {
-  m.def("forward(Tensor[] student, Tensor[] start, Tensor[] target) -> (Tensor, Tensor)", &forward);
+  m.def("forward(Tensor[] student, Tensor[] start, Tensor[] target, int trajectories) -> (Tensor, Tensor)", &forward);
   m.def("backward(Tensor grad, Tensor loss, Tensor den, Tensor[] student, Tensor[] start, Tensor[] target, bool[] needs) -> Tensor[]",
         &backward);
 }

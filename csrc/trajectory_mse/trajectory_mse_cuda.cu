@@ -1,6 +1,7 @@
 // trajectory_mse on CUDA: one multi-tensor launch over every parameter tensor of B trajectories.
 //
-// Inputs are three lists (student, start, target) of contiguous (B, n_i) CUDA tensors of one dtype.
+// Inputs are three lists (student, start, target) of contiguous CUDA tensors of one dtype, tensor i seen
+// as a (B, n_i) matrix (n_i = numel / B), and B.
 // A device-side table (int64) describes them:
 //   [0, n)   chunk_end[i]: cumulative count of kChunk-element chunks of one row, tensors 0..i
 //   [n, 2n)  n_i, the row length
@@ -12,7 +13,7 @@
 // double inputs); a second kernel adds each trajectory's partials in double in a fixed order. No
 // atomics: results are deterministic, and the rounding error is bounded by kChunk, not by P.
 //
-//   forward(student, start, target) -> (loss, den)        (B,) each, accumulation type
+//   forward(student, start, target, B) -> (loss, den)     (B,) each, accumulation type
 //   backward(grad, loss, den, student, start, target, needs) -> the gradients flagged in `needs`
 // With a = 2 grad_b / den_b and c = a * loss_b:
 //   d student = a (student - target),  d start = -c (start - target),  d target = -(d student + d start).
@@ -244,13 +245,14 @@ struct Launch {
   int64_t blocks() const { return trajectories * chunks_per_row; }
 };
 
-Launch prepare(at::TensorList student, at::TensorList start, at::TensorList target, const std::vector<Tensor>& grads = {}) {
+Launch prepare(at::TensorList student, at::TensorList start, at::TensorList target, int64_t trajectories,
+               const std::vector<Tensor>& grads = {}) {
   TORCH_CHECK(!student.empty(), "trajectory_mse: student is empty");
   TORCH_CHECK(start.size() == student.size() && target.size() == student.size(),
               "trajectory_mse: student, start and target must hold the same number of tensors");
   TORCH_CHECK(student.size() < static_cast<size_t>(INT_MAX / 8), "trajectory_mse: too many tensors");
+  TORCH_CHECK(trajectories > 0, "trajectory_mse: B must be positive");
   const int n = static_cast<int>(student.size());
-  const int64_t trajectories = student[0].size(0);
   std::vector<int64_t> values(grads.empty() ? 5 * n : 8 * n);
   int64_t chunks = 0;
   for (int i = 0; i < n; ++i) {
@@ -258,12 +260,11 @@ Launch prepare(at::TensorList student, at::TensorList start, at::TensorList targ
       DDFAST_CHECK_DEVICE(x, at::kCUDA);
       TORCH_CHECK(x.device() == student[0].device(), "trajectory_mse: all tensors must be on one device");
       DDFAST_CHECK_CONTIGUOUS(x);
-      DDFAST_CHECK_DIM(x, 2);
       DDFAST_CHECK_DTYPE(x, student[0].scalar_type());
       TORCH_CHECK(x.sizes() == student[i].sizes(), "trajectory_mse: shapes differ at tensor ", i);
-      TORCH_CHECK(x.size(0) == trajectories, "trajectory_mse: every tensor must have B rows");
     }
-    const int64_t row = student[i].size(1);
+    TORCH_CHECK(student[i].numel() % trajectories == 0, "trajectory_mse: tensor ", i, " does not split into B rows");
+    const int64_t row = student[i].numel() / trajectories;
     chunks += (row + kChunk - 1) / kChunk;
     values[i] = chunks;
     values[n + i] = row;
@@ -282,9 +283,10 @@ Launch prepare(at::TensorList student, at::TensorList start, at::TensorList targ
   return {table, n, chunks, trajectories};
 }
 
-std::tuple<Tensor, Tensor> forward(at::TensorList student, at::TensorList start, at::TensorList target) {
+std::tuple<Tensor, Tensor> forward(at::TensorList student, at::TensorList start, at::TensorList target, int64_t trajectories) {
+  TORCH_CHECK(!student.empty(), "trajectory_mse: student is empty");
   const c10::cuda::CUDAGuard guard(student[0].device());
-  const Launch launch = prepare(student, start, target);
+  const Launch launch = prepare(student, start, target, trajectories);
   const auto acc = student[0].scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
   const auto options = student[0].options().dtype(acc);
   Tensor partial_num = at::empty({launch.blocks()}, options), partial_den = at::empty({launch.blocks()}, options);
@@ -308,12 +310,13 @@ std::tuple<Tensor, Tensor> forward(at::TensorList student, at::TensorList start,
 
 std::vector<Tensor> backward(const Tensor& grad, const Tensor& loss, const Tensor& den, at::TensorList student,
                              at::TensorList start, at::TensorList target, const c10::List<bool>& needs) {
+  TORCH_CHECK(!student.empty(), "trajectory_mse: student is empty");
   const c10::cuda::CUDAGuard guard(student[0].device());
   const size_t n = student.size();
   TORCH_CHECK(needs.size() == 3 * n, "trajectory_mse backward: needs must hold 3 flags per tensor");
   const auto acc = student[0].scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
   for (const Tensor* x : {&grad, &loss, &den}) {
-    TORCH_CHECK(x->device() == student[0].device() && x->dim() == 1 && x->size(0) == student[0].size(0) &&
+    TORCH_CHECK(x->device() == student[0].device() && x->dim() == 1 && x->size(0) == grad.numel() &&
                     x->scalar_type() == acc && x->is_contiguous(),
                 "trajectory_mse backward: grad, loss and den must be contiguous (B,) tensors of ", acc, " on ",
                 student[0].device());
@@ -322,7 +325,7 @@ std::vector<Tensor> backward(const Tensor& grad, const Tensor& loss, const Tenso
   for (size_t k = 0; k < 3 * n; ++k) {
     if (needs.get(k)) grads[k] = at::empty_like(student[k % n]);
   }
-  const Launch launch = prepare(student, start, target, grads);
+  const Launch launch = prepare(student, start, target, grad.numel(), grads);
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   if (launch.blocks() > 0) {
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, student[0].scalar_type(), "trajectory_mse_backward_cuda", [&] {
@@ -343,7 +346,7 @@ std::vector<Tensor> backward(const Tensor& grad, const Tensor& loss, const Tenso
 }  // namespace
 
 TORCH_LIBRARY(ddfast_trajectory_mse_cuda, m) {
-  m.def("forward(Tensor[] student, Tensor[] start, Tensor[] target) -> (Tensor, Tensor)", &forward);
+  m.def("forward(Tensor[] student, Tensor[] start, Tensor[] target, int trajectories) -> (Tensor, Tensor)", &forward);
   m.def("backward(Tensor grad, Tensor loss, Tensor den, Tensor[] student, Tensor[] start, Tensor[] target, bool[] needs) -> Tensor[]",
         &backward);
 }

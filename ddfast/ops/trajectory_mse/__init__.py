@@ -21,7 +21,7 @@ from torch import Tensor, nn
 from ddfast import _checks
 from ddfast._backends import Backend, Registry, triton_missing, triton_runs_on
 from ddfast.ops.trajectory_mse import cpu, cuda, reference
-from ddfast.ops.trajectory_mse.inputs import accumulation_dtype, as_rows
+from ddfast.ops.trajectory_mse.inputs import accumulation_dtype, as_lists
 
 __all__ = ["trajectory_mse", "TrajectoryMSE", "REGISTRY"]
 
@@ -54,13 +54,12 @@ def trajectory_mse(student, start, target, *, reduction: str = "mean", batched: 
         ValueError: where ``start`` equals ``target`` for some trajectory (zero denominator).
     """
     _checks.reduction(reduction)
-    rows = as_rows(student, start, target, batched=batched)
-    first = rows[0][0]
-    name = REGISTRY.resolve(backend, first.device, first.dtype)
+    student, start, target, trajectories = as_lists(student, start, target, batched=batched)
+    name = REGISTRY.resolve(backend, student[0].device, student[0].dtype)
     if name == "reference":
-        return reference.reduce(reference.per_trajectory(*rows), reduction)
-    loss, _ = torch.ops.ddfast.trajectory_mse_forward(*rows, name)
-    return reference.reduce(loss, reduction).to(first.dtype)
+        return reference.reduce(reference.per_trajectory(student, start, target, trajectories), reduction)
+    loss, _ = torch.ops.ddfast.trajectory_mse_forward(student, start, target, trajectories, name)
+    return reference.reduce(loss, reduction).to(student[0].dtype)
 
 
 class TrajectoryMSE(nn.Module):
@@ -86,16 +85,16 @@ def _kernels(backend: str):
 
 
 @torch.library.custom_op("ddfast::trajectory_mse_forward", mutates_args=())
-def _forward(student: list[Tensor], start: list[Tensor], target: list[Tensor], backend: str) -> tuple[Tensor, Tensor]:
-    """(loss, den) per trajectory, (B,) in the accumulation dtype, from lists of contiguous (B, n_i) rows."""
-    loss, den = _kernels(backend).forward(student, start, target)
+def _forward(student: list[Tensor], start: list[Tensor], target: list[Tensor], trajectories: int, backend: str) -> tuple[Tensor, Tensor]:
+    """(loss, den) per trajectory, (B,) in the accumulation dtype, from checked lists (see :mod:`.inputs`)."""
+    loss, den = _kernels(backend).forward(student, start, target, trajectories)
     reference.check_denominator(den)
     return loss, den
 
 
 @_forward.register_fake
-def _forward_fake(student, start, target, backend):
-    loss = student[0].new_empty((student[0].shape[0],), dtype=accumulation_dtype(student[0].dtype))
+def _forward_fake(student, start, target, trajectories, backend):
+    loss = student[0].new_empty((trajectories,), dtype=accumulation_dtype(student[0].dtype))
     return loss, torch.empty_like(loss)
 
 
@@ -112,7 +111,7 @@ def _backward_fake(grad, loss, den, student, start, target, needs, backend):
 
 
 def _setup_context(ctx, inputs, output):
-    student, start, target, backend = inputs
+    student, start, target, _, backend = inputs
     loss, den = output
     ctx.count = len(student)
     ctx.backend = backend
@@ -127,7 +126,7 @@ def _backward_formula(ctx, grad_loss, grad_den):
     needs = [bool(flag) for flags in ctx.needs_input_grad[:3] for flag in flags]
     grads = iter(_backward(grad_loss, loss, den, student, start, target, needs, ctx.backend))
     per_input = [[next(grads) if need else None for need in needs[k * n:(k + 1) * n]] for k in range(3)]
-    return *per_input, None
+    return *per_input, None, None
 
 
 _forward.register_autograd(_backward_formula, setup_context=_setup_context)

@@ -10,18 +10,18 @@ from __future__ import annotations
 import torch
 
 from ddfast import _checks
-from ddfast.ops.trajectory_mse.inputs import as_rows
+from ddfast.ops.trajectory_mse.inputs import as_lists, rows
 
 
 def trajectory_mse(student, start, target, *, reduction: str = "mean", batched: bool = True) -> torch.Tensor:
     """The normalised distance per trajectory, reduced; argument forms as in :mod:`.inputs`."""
     _checks.reduction(reduction)
-    return reduce(per_trajectory(*as_rows(student, start, target, batched=batched)), reduction)
+    return reduce(per_trajectory(*as_lists(student, start, target, batched=batched)), reduction)
 
 
-def per_trajectory(student: list[torch.Tensor], start: list[torch.Tensor], target: list[torch.Tensor]) -> torch.Tensor:
-    """(B,) distances from lists of (B, n_i) rows: concatenate, squared norms, ratio."""
-    student, start, target = (torch.cat(rows, dim=1) for rows in (student, start, target))
+def per_trajectory(student: list[torch.Tensor], start: list[torch.Tensor], target: list[torch.Tensor], trajectories: int) -> torch.Tensor:
+    """(B,) distances from checked lists (see :mod:`.inputs`): flatten and concatenate, squared norms, ratio."""
+    student, start, target = (torch.cat(rows(tensors, trajectories), dim=1) for tensors in (student, start, target))
     numerator = (student - target).square().sum(dim=1)
     denominator = (start - target).square().sum(dim=1)
     check_denominator(denominator)

@@ -125,8 +125,8 @@ def _gradients_kernel(table, grad, loss, den, n_chunks, n_tensors, DTYPE: tl.con
         tl.store(d_target + cols, _to_output(-(ds + dst), DTYPE, ROUND_BY_HAND), mask=cols < target_end)
 
 
-def forward(student: list[torch.Tensor], start: list[torch.Tensor], target: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-    table, n_chunks, trajectories = _table(student, start, target)
+def forward(student: list[torch.Tensor], start: list[torch.Tensor], target: list[torch.Tensor], trajectories: int) -> tuple[torch.Tensor, torch.Tensor]:
+    table, n_chunks = _table(trajectories, student, start, target)
     acc = accumulation_dtype(student[0].dtype)
     partial_num = torch.empty(trajectories * n_chunks, dtype=acc, device=student[0].device)
     partial_den = torch.empty_like(partial_num)
@@ -142,7 +142,8 @@ def forward(student: list[torch.Tensor], start: list[torch.Tensor], target: list
 def backward(grad: torch.Tensor, loss: torch.Tensor, den: torch.Tensor, student: list[torch.Tensor], start: list[torch.Tensor],
              target: list[torch.Tensor], needs: list[bool]) -> list[torch.Tensor]:
     grads = [torch.empty_like(x) if need else None for x, need in zip(student + start + target, needs)]
-    table, n_chunks, trajectories = _table(student, start, target, grads)
+    trajectories = grad.shape[0]
+    table, n_chunks = _table(trajectories, student, start, target, grads)
     _gradients_kernel[(trajectories * n_chunks,)](
         table, grad, loss, den, n_chunks, len(student), DTYPE=_TRITON_DTYPES[student[0].dtype],
         ACC=_TRITON_DTYPES[accumulation_dtype(student[0].dtype)], TENSORS=_tensors_block(student), CHUNK=CHUNK, BLOCK=BLOCK,
@@ -150,9 +151,9 @@ def backward(grad: torch.Tensor, loss: torch.Tensor, den: torch.Tensor, student:
     return [g for g in grads if g is not None]
 
 
-def _table(student, start, target, grads=None) -> tuple[torch.Tensor, int, int]:
-    """The address table described in the module docstring, chunks per row, and B."""
-    rows = [x.shape[1] for x in student]
+def _table(trajectories, student, start, target, grads=None) -> tuple[torch.Tensor, int]:
+    """The address table described in the module docstring, and the number of chunks per row."""
+    rows = [x.numel() // trajectories for x in student]
     ends, total = [], 0
     for row in rows:
         total += triton.cdiv(row, CHUNK)
@@ -161,7 +162,7 @@ def _table(student, start, target, grads=None) -> tuple[torch.Tensor, int, int]:
     if grads is not None:
         addresses += [0 if g is None else g.data_ptr() for g in grads]
     table = torch.tensor(ends + rows + addresses, dtype=torch.int64).to(student[0].device, non_blocking=True)
-    return table, total, student[0].shape[0]
+    return table, total
 
 
 def _tensors_block(student: list[torch.Tensor]) -> int:
