@@ -51,7 +51,10 @@ def trajectory_mse(student, start, target, *, reduction: str = "mean", batched: 
         The loss in the inputs' dtype. Gradients flow to every input that requires one.
 
     Raises:
-        ValueError: where ``start`` equals ``target`` for some trajectory (zero denominator).
+        ValueError: where ``start`` equals ``target`` for some trajectory (zero denominator). The
+            check reads the (B,) denominators: one device synchronisation per forward on a GPU.
+            With ``backend="reference"`` it is a data-dependent branch that ``torch.compile``
+            cannot capture in one graph; the other backends run it inside their operator.
     """
     _checks.reduction(reduction)
     student, start, target, trajectories = as_lists(student, start, target, batched=batched)

@@ -166,4 +166,4 @@ def _table(trajectories, student, start, target, grads=None) -> tuple[torch.Tens
 
 
 def _tensors_block(student: list[torch.Tensor]) -> int:
-    return triton.next_power_of_2(len(student))
+    return max(16, triton.next_power_of_2(len(student)))
