@@ -80,9 +80,6 @@ class Registry:
         device = torch.device(device)
         return [n for n in self.backends if self.problem(n, device, dtype) is None]
 
-    # under torch.compile, run at trace time and keep the name as a constant: probing a backend
-    # (building or loading an extension) is not traceable, and the answer is fixed per device and dtype
-    @torch.compiler.assume_constant_result
     def resolve(self, requested: str, device: torch.device, dtype: torch.dtype) -> str:
         """The backend to run: ``requested`` itself after checking it, or ``auto``'s pick."""
         if requested == AUTO:

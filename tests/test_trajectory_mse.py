@@ -369,3 +369,25 @@ def test_cuda_sources_build():
     _extension.build("trajectory_mse_cuda")
     assert hasattr(torch.ops.ddfast_trajectory_mse_cuda, "forward")
     assert hasattr(torch.ops.ddfast_trajectory_mse_cuda, "backward")
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32, torch.float64], ids=str)
+def test_triton_kernels_compile_for_hopper(dtype):
+    """Every Triton kernel, with the backend's launch options, lowers to sm_90 code whose shared memory fits."""
+    pytest.importorskip("triton")
+    import hopper
+    from ddfast.ops.trajectory_mse import triton as kernels
+
+    acc_name = "fp64" if dtype == torch.float64 else "fp32"
+    acc = {"ACC": f"tl.float{acc_name[2:]}"}
+    types = {"DTYPE": f"tl.{str(dtype).removeprefix('torch.')}", **acc, "TENSORS": 64, "CHUNK": kernels.CHUNK, "BLOCK": kernels.BLOCK}
+    common = {"module": "ddfast.ops.trajectory_mse.triton", "floats": [], **kernels.LAUNCH}
+    per_trajectory = {name: f"*{acc_name}" for name in ("grad", "loss", "den", "partial_num", "partial_den")}
+    specs = [
+        {**common, "kernel": "_partials_kernel", "pointers": {"table": "*i64", **per_trajectory}, "constexprs": types},
+        {**common, "kernel": "_finish_kernel", "pointers": per_trajectory, "constexprs": {"BLOCK": kernels.FINISH_BLOCK}},
+        {**common, "kernel": "_gradients_kernel", "pointers": {"table": "*i64", **per_trajectory},
+         "constexprs": {**types, "ROUND_BY_HAND": False}},
+    ]
+    for spec, shared in zip(specs, hopper.shared_memory(specs)):
+        assert 0 <= shared <= hopper.SHARED_MEMORY_PER_BLOCK, (spec["kernel"], shared)

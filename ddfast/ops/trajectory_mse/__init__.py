@@ -8,7 +8,8 @@ denominator raises ``ValueError``. The argument forms are described in :mod:`.in
 Backends: ``reference`` (plain torch, autograd), ``torch`` (streaming, any device), ``cpu``
 (C++), ``triton`` (GPU, or CPU under ``TRITON_INTERPRET=1``), ``cuda`` (CUDA C++, one launch over
 all parameter tensors). All but ``reference`` run as the operators
-``torch.ops.ddfast.trajectory_mse_forward`` / ``_backward``, opaque to ``torch.compile``.
+``torch.ops.ddfast.trajectory_mse_forward`` / ``_backward``, opaque to ``torch.compile``; they
+resolve ``backend`` themselves.
 """
 
 from __future__ import annotations
@@ -58,10 +59,9 @@ def trajectory_mse(student, start, target, *, reduction: str = "mean", batched: 
     """
     _checks.reduction(reduction)
     student, start, target, trajectories = as_lists(student, start, target, batched=batched)
-    name = REGISTRY.resolve(backend, student[0].device, student[0].dtype)
-    if name == "reference":
+    if backend == "reference":
         return reference.reduce(reference.per_trajectory(student, start, target, trajectories), reduction)
-    loss, _ = torch.ops.ddfast.trajectory_mse_forward(student, start, target, trajectories, name)
+    loss, _ = torch.ops.ddfast.trajectory_mse_forward(student, start, target, trajectories, backend)
     return reference.reduce(loss, reduction).to(student[0].dtype)
 
 
@@ -81,16 +81,21 @@ class TrajectoryMSE(nn.Module):
         return f"reduction={self.reduction!r}, batched={self.batched}, backend={self.backend!r}"
 
 
-def _kernels(backend: str):
-    """What serves ``forward`` / ``backward`` for ``backend``: our module, or a compiled extension's operators."""
-    module = importlib.import_module(f"{__name__}.{_MODULES[backend]}")
+def _kernels(backend: str, like: Tensor):
+    """What serves ``forward`` / ``backward`` for ``backend`` (``auto`` resolved) and inputs ``like`` this
+    one: our module, or a compiled extension's operators. Called inside the operators, so that probing
+    backends (building an extension) stays out of what ``torch.compile`` traces."""
+    name = REGISTRY.resolve(backend, like.device, like.dtype)
+    if name == "reference":
+        raise ValueError("backend='reference' is plain torch and does not run through the fused operator")
+    module = importlib.import_module(f"{__name__}.{_MODULES[name]}")
     return module.operators() if hasattr(module, "operators") else module
 
 
 @torch.library.custom_op("ddfast::trajectory_mse_forward", mutates_args=())
 def _forward(student: list[Tensor], start: list[Tensor], target: list[Tensor], trajectories: int, backend: str) -> tuple[Tensor, Tensor]:
     """(loss, den) per trajectory, (B,) in the accumulation dtype, from checked lists (see :mod:`.inputs`)."""
-    loss, den = _kernels(backend).forward(student, start, target, trajectories)
+    loss, den = _kernels(backend, student[0]).forward(student, start, target, trajectories)
     reference.check_denominator(den)
     return loss, den
 
@@ -105,7 +110,7 @@ def _forward_fake(student, start, target, trajectories, backend):
 def _backward(grad: Tensor, loss: Tensor, den: Tensor, student: list[Tensor], start: list[Tensor], target: list[Tensor],
               needs: list[bool], backend: str) -> list[Tensor]:
     """The gradients flagged in ``needs`` (3 flags per tensor: student's, start's, target's), in that order."""
-    return _kernels(backend).backward(grad.contiguous(), loss, den, student, start, target, needs)
+    return _kernels(backend, student[0]).backward(grad.contiguous(), loss, den, student, start, target, needs)
 
 
 @_backward.register_fake

@@ -22,6 +22,7 @@ from ddfast.ops.trajectory_mse.inputs import accumulation_dtype
 CHUNK = 4096  # elements of one row handled by one program
 BLOCK = 1024  # elements per step inside a program
 FINISH_BLOCK = 256  # partials per step of the per-trajectory sum
+LAUNCH = {"num_warps": 4, "num_stages": 3}  # every kernel's launch options
 
 _TRITON_DTYPES = {torch.float32: tl.float32, torch.float64: tl.float64, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
 
@@ -132,10 +133,10 @@ def forward(student: list[torch.Tensor], start: list[torch.Tensor], target: list
     partial_den = torch.empty_like(partial_num)
     _partials_kernel[(trajectories * n_chunks,)](
         table, partial_num, partial_den, n_chunks, len(student), DTYPE=_TRITON_DTYPES[student[0].dtype],
-        ACC=_TRITON_DTYPES[acc], TENSORS=_tensors_block(student), CHUNK=CHUNK, BLOCK=BLOCK)
+        ACC=_TRITON_DTYPES[acc], TENSORS=_tensors_block(student), CHUNK=CHUNK, BLOCK=BLOCK, **LAUNCH)
     loss = torch.empty(trajectories, dtype=acc, device=student[0].device)
     den = torch.empty_like(loss)
-    _finish_kernel[(trajectories,)](partial_num, partial_den, loss, den, n_chunks, BLOCK=FINISH_BLOCK)
+    _finish_kernel[(trajectories,)](partial_num, partial_den, loss, den, n_chunks, BLOCK=FINISH_BLOCK, **LAUNCH)
     return loss, den
 
 
@@ -147,7 +148,7 @@ def backward(grad: torch.Tensor, loss: torch.Tensor, den: torch.Tensor, student:
     _gradients_kernel[(trajectories * n_chunks,)](
         table, grad, loss, den, n_chunks, len(student), DTYPE=_TRITON_DTYPES[student[0].dtype],
         ACC=_TRITON_DTYPES[accumulation_dtype(student[0].dtype)], TENSORS=_tensors_block(student), CHUNK=CHUNK, BLOCK=BLOCK,
-        ROUND_BY_HAND=triton_interpreted())
+        ROUND_BY_HAND=triton_interpreted(), **LAUNCH)
     return [g for g in grads if g is not None]
 
 
