@@ -5,9 +5,9 @@ seen as a (B, n_i) matrix (see :mod:`.inputs`). ``forward(student, start, target
 ``(loss, den)``, (B,) each, in the accumulation dtype (float32, or float64 for float64 inputs).
 ``backward(grad, loss, den, student, start, target, needs)`` takes the upstream (B,) gradient of
 ``loss`` and ``needs``, 3n flags (student's tensors, then start's, then target's), and returns the
-flagged gradients in that order, shaped like the inputs, in their dtype. With ``a = 2 grad / den`` and ``c = a * loss``:
-``d student = a (student - target)``, ``d start = -c (start - target)``,
-``d target = -(d student + d start)``.
+flagged gradients in that order, shaped like the inputs, in their dtype. With
+``a = 2 grad / den`` and ``c = a * loss``: ``d student = a (student - target)``,
+``d start = -c (start - target)``, ``d target = -(d student + d start)``.
 
 Here temporaries hold at most ``B * COLUMNS`` elements; every block's sums are float32 (torch's
 pairwise reductions) and the blocks' partials are added pairwise too, so the error does not grow
