@@ -72,9 +72,20 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+_REGISTRIES: dict[str, Registry] = {}  # by operation name, for _missing
+
+
+@torch.compiler.assume_constant_result
+def _missing(op: str, name: str) -> str | None:
+    """``missing()`` of backend ``name`` of operation ``op``. ``torch.compile`` runs it once while
+    tracing and keeps the answer as a constant rather than tracing the extension loader."""
+    return _REGISTRIES[op].backends[name].missing()
+
+
 @dataclass
 class Registry:
-    """The backends of one operation, ``auto``'s preference and its raced backends per device type.
+    """The backends of one operation (``op``, a unique name), ``auto``'s preference and its raced
+    backends per device type.
 
     ``clock`` times the races (a fake one in tests); ``picks`` caches their winners by
     (device, dtype, size bucket).
@@ -86,6 +97,9 @@ class Registry:
     race: dict[str, tuple[str, ...]] = field(default_factory=dict)
     clock: Callable[[], float] = time.perf_counter
     picks: dict[tuple, str] = field(default_factory=dict)
+
+    def __post_init__(self):
+        _REGISTRIES[self.op] = self
 
     def add(self, backend: Backend) -> Backend:
         self.backends[backend.name] = backend
@@ -101,7 +115,7 @@ class Registry:
             return f"it does not run on {device.type} tensors"
         if dtype == torch.float64 and not backend.float64:
             return "it does not support float64"
-        return backend.missing()
+        return _missing(self.op, name)
 
     def available(self, device: torch.device | str, dtype: torch.dtype = torch.float32) -> list[str]:
         """Backends that can run here for ``device`` / ``dtype`` inputs."""
