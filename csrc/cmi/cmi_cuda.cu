@@ -1,4 +1,4 @@
-// CMI kernels for CUDA tensors: the seven kernels documented in cmi_cpu.cpp, same names and contracts.
+// CMI kernels for CUDA tensors (contract in cmi_ops.h).
 //
 // Row kernels give one warp to each row: lanes stride over the columns (coalesced), keep an online
 // (max, sum) or a partial sum, and combine them with __shfl_xor_sync; lane 0's result is broadcast
@@ -23,6 +23,7 @@
 #include <tuple>
 #include <type_traits>
 
+#include "cmi/cmi_ops.h"
 #include "common/checks.h"
 
 namespace ddfast::cmi {
@@ -47,28 +48,29 @@ __device__ __forceinline__ double exp_(double x) { return ::exp(x); }
 __device__ __forceinline__ float log_(float x) { return ::logf(x); }
 __device__ __forceinline__ double log_(double x) { return ::log(x); }
 
-// Online logsumexp state (m, s): the logsumexp is m + log(s). One exp per added value.
+// Online logsumexp of values x * scale (scale > 0) as the state (m, s): the max of x and
+// sum exp((x - m) * scale), so the logsumexp is m * scale + log(s). One exp per added value.
 template <typename T>
-__device__ __forceinline__ void lse_add(T& m, T& s, T x) {
+__device__ __forceinline__ void lse_add(T& m, T& s, T x, T scale) {
   if (x > m) {
-    s = s * exp_(m - x) + T(1);
+    s = s * exp_((m - x) * scale) + T(1);
     m = x;
   } else if (x > neg_inf<T>()) {
-    s += exp_(x - m);
+    s += exp_((x - m) * scale);
   }
 }
 
 template <typename T>
-__device__ __forceinline__ void lse_merge(T& m, T& s, T m2, T s2) {
+__device__ __forceinline__ void lse_merge(T& m, T& s, T m2, T s2, T scale) {
   if (m2 > m) {
-    s = s * exp_(m - m2) + s2;
+    s = s * exp_((m - m2) * scale) + s2;
     m = m2;
   } else if (m2 > neg_inf<T>()) {
-    s += s2 * exp_(m2 - m);
+    s += s2 * exp_((m2 - m) * scale);
   }
 }
 
-// A softmax normaliser: the max of z and log sum exp(z - max); log P = (z - top) - log_sum.
+// A softmax normaliser: the max of f and log sum exp((f - max) * inv_t); log P = (f - top) * inv_t - log_sum.
 template <typename T>
 struct Norm {
   T top, log_sum;
@@ -76,11 +78,11 @@ struct Norm {
 
 // The normaliser of the warp's lanes' (m, s) states, the same value in every lane.
 template <typename T>
-__device__ __forceinline__ Norm<T> warp_norm(T m, T s) {
+__device__ __forceinline__ Norm<T> warp_norm(T m, T s, T inv_t) {
   for (int offset = kWarp / 2; offset > 0; offset >>= 1) {
     const T m2 = __shfl_xor_sync(kFullMask, m, offset);
     const T s2 = __shfl_xor_sync(kFullMask, s, offset);
-    lse_merge(m, s, m2, s2);
+    lse_merge(m, s, m2, s2, inv_t);
   }
   return {__shfl_sync(kFullMask, m, 0), __shfl_sync(kFullMask, log_(s), 0)};
 }
@@ -92,18 +94,18 @@ __device__ __forceinline__ T warp_sum(T v) {
   return __shfl_sync(kFullMask, v, 0);
 }
 
-// The normaliser of row[0:k] * inv_t, computed by one warp.
+// The normaliser of row[0:k] / T, computed by one warp.
 template <typename scalar_t, typename T>
 __device__ Norm<T> row_normaliser(const scalar_t* row, int64_t k, T inv_t, int lane) {
   T m = neg_inf<T>(), s = 0;
-  for (int64_t j = lane; j < k; j += kWarp) lse_add(m, s, static_cast<T>(row[j]) * inv_t);
-  return warp_norm(m, s);
+  for (int64_t j = lane; j < k; j += kWarp) lse_add(m, s, static_cast<T>(row[j]), inv_t);
+  return warp_norm(m, s, inv_t);
 }
 
 // log P of one entry from its feature value and its row's normaliser.
 template <typename scalar_t, typename T>
 __device__ __forceinline__ T log_p(scalar_t value, T inv_t, Norm<T> norm) {
-  return (static_cast<T>(value) * inv_t - norm.top) - norm.log_sum;
+  return (static_cast<T>(value) - norm.top) * inv_t - norm.log_sum;
 }
 
 template <typename T>
@@ -146,7 +148,7 @@ __global__ void chunk_norm_kernel(const scalar_t* __restrict__ f, const int64_t*
   __syncthreads();
   for (int64_t j = threadIdx.x; j < k; j += blockDim.x) {
     T m = neg_inf<T>(), s = 0;
-    for (int64_t r = 0; r < count; ++r) lse_add(m, s, log_p(f[row_index[r] * k + j], inv_t, chunk_norms[r]));
+    for (int64_t r = 0; r < count; ++r) lse_add(m, s, log_p(f[row_index[r] * k + j], inv_t, chunk_norms[r]), T(1));
     partial[c * k + j] = m + log_(s);
   }
 }
@@ -166,7 +168,7 @@ __global__ void combine_kernel(const T* __restrict__ partial, const int64_t* __r
   }
   if (log_mode) {
     T m = neg_inf<T>(), s = 0;
-    for (int64_t q = first[c]; q < first[c + 1]; ++q) lse_add(m, s, partial[q * k + j]);
+    for (int64_t q = first[c]; q < first[c + 1]; ++q) lse_add(m, s, partial[q * k + j], T(1));
     out[c * k + j] = m + log_(s) - log_(static_cast<T>(n));
   } else {
     T s = 0;
@@ -236,36 +238,11 @@ __global__ void row_grad_kernel(const scalar_t* __restrict__ f, const int64_t* _
   }
 }
 
-at::TensorOptions acc_options(const Tensor& features) {
-  return features.options().dtype(features.scalar_type() == at::kDouble ? at::kDouble : at::kFloat);
-}
-
-void check_features(const Tensor& features) {
-  DDFAST_CHECK_DEVICE(features, at::kCUDA);
-  DDFAST_CHECK_DIM(features, 2);
-  DDFAST_CHECK_CONTIGUOUS(features);
-}
-
-// A contiguous tensor on the features' device with the given dtype and element count.
-void check_like(const Tensor& t, const char* name, const Tensor& features, at::ScalarType dtype, int64_t numel) {
-  TORCH_CHECK(t.device() == features.device(), name, " must be on ", features.device(), ", got ", t.device());
-  TORCH_CHECK(t.is_contiguous() && t.scalar_type() == dtype && t.numel() == numel, name, " must be a contiguous ", dtype,
-              " tensor of ", numel, " elements, got ", t.scalar_type(), " of shape ", t.sizes());
-}
-
-at::ScalarType acc_type(const Tensor& features) { return features.scalar_type() == at::kDouble ? at::kDouble : at::kFloat; }
-
 unsigned row_blocks(int64_t n) { return static_cast<unsigned>((n + kWarpsPerBlock - 1) / kWarpsPerBlock); }
 unsigned column_blocks(int64_t k) { return static_cast<unsigned>((k + kThreads - 1) / kThreads); }
 
-void check_chunks(const Tensor& features, const Tensor& order, const Tensor& start, const Tensor& end) {
-  check_like(order, "order", features, at::kLong, features.size(0));
-  check_like(start, "start", features, at::kLong, start.numel());
-  check_like(end, "end", features, at::kLong, start.numel());
-}
-
 Tensor row_norm(const Tensor& features, double inv_t) {
-  check_features(features);
+  check_features(features, at::kCUDA);
   const c10::cuda::CUDAGuard guard(features.device());
   const int64_t n = features.size(0), k = features.size(1);
   Tensor norm = at::empty({n, 2}, acc_options(features));
@@ -280,7 +257,7 @@ Tensor row_norm(const Tensor& features, double inv_t) {
 }
 
 std::tuple<Tensor, Tensor> chunk_norm(const Tensor& features, const Tensor& order, const Tensor& start, const Tensor& end, double inv_t) {
-  check_features(features);
+  check_features(features, at::kCUDA);
   check_chunks(features, order, start, end);
   const c10::cuda::CUDAGuard guard(features.device());
   const int64_t n = features.size(0), k = features.size(1), chunks = start.numel();
@@ -298,10 +275,7 @@ std::tuple<Tensor, Tensor> chunk_norm(const Tensor& features, const Tensor& orde
 }
 
 Tensor combine(const Tensor& partial, const Tensor& first, const Tensor& counts, bool log_mode) {
-  check_features(partial);
-  TORCH_CHECK(partial.scalar_type() == at::kFloat || partial.scalar_type() == at::kDouble, "partial must be float or double");
-  check_like(counts, "counts", partial, at::kLong, counts.numel());
-  check_like(first, "first", partial, at::kLong, counts.numel() + 1);
+  check_combine(partial, first, counts, at::kCUDA);
   const c10::cuda::CUDAGuard guard(partial.device());
   const int64_t classes = counts.numel(), k = partial.size(1);
   Tensor out = at::empty({classes, k}, partial.options());
@@ -318,16 +292,8 @@ Tensor combine(const Tensor& partial, const Tensor& first, const Tensor& counts,
 Tensor combine_lse(const Tensor& partial, const Tensor& first, const Tensor& counts) { return combine(partial, first, counts, true); }
 Tensor combine_mean(const Tensor& partial, const Tensor& first, const Tensor& counts) { return combine(partial, first, counts, false); }
 
-void check_class_stats(const Tensor& features, const Tensor& norm, const Tensor& log_q) {
-  check_like(norm, "norm", features, acc_type(features), 2 * features.size(0));
-  TORCH_CHECK(log_q.dim() == 2 && log_q.size(1) == features.size(1), "log_q must have shape (C, ", features.size(1), ")");
-  check_like(log_q, "log_q", features, acc_type(features), log_q.numel());
-}
-
 Tensor row_kl(const Tensor& features, const Tensor& labels, const Tensor& norm, const Tensor& log_q, double inv_t) {
-  check_features(features);
-  check_like(labels, "labels", features, at::kLong, features.size(0));
-  check_class_stats(features, norm, log_q);
+  check_row_kl(features, labels, norm, log_q, at::kCUDA);
   const c10::cuda::CUDAGuard guard(features.device());
   const int64_t n = features.size(0), k = features.size(1);
   Tensor kl = at::empty({n}, acc_options(features));
@@ -344,11 +310,7 @@ Tensor row_kl(const Tensor& features, const Tensor& labels, const Tensor& norm, 
 
 Tensor chunk_centroid_grad(const Tensor& features, const Tensor& order, const Tensor& start, const Tensor& end, const Tensor& cls,
                            const Tensor& norm, const Tensor& log_q, const Tensor& g, double inv_t) {
-  check_features(features);
-  check_chunks(features, order, start, end);
-  check_like(cls, "cls", features, at::kLong, start.numel());
-  check_class_stats(features, norm, log_q);
-  check_like(g, "g", features, acc_type(features), features.size(0));
+  check_chunk_centroid_grad(features, order, start, end, cls, norm, log_q, g, at::kCUDA);
   const c10::cuda::CUDAGuard guard(features.device());
   const int64_t k = features.size(1), chunks = start.numel();
   Tensor partial = at::empty({chunks, k}, acc_options(features));
@@ -367,12 +329,7 @@ Tensor chunk_centroid_grad(const Tensor& features, const Tensor& order, const Te
 
 Tensor row_grad(const Tensor& features, const Tensor& labels, const Tensor& norm, const Tensor& log_q, const Tensor& kl, const Tensor& g,
                 const std::optional<Tensor>& a, double inv_t) {
-  check_features(features);
-  check_like(labels, "labels", features, at::kLong, features.size(0));
-  check_class_stats(features, norm, log_q);
-  check_like(kl, "kl", features, acc_type(features), features.size(0));
-  check_like(g, "g", features, acc_type(features), features.size(0));
-  if (a.has_value()) check_like(*a, "a", features, acc_type(features), log_q.numel());
+  check_row_grad(features, labels, norm, log_q, kl, g, a, at::kCUDA);
   const c10::cuda::CUDAGuard guard(features.device());
   const int64_t n = features.size(0), k = features.size(1);
   Tensor grad = at::empty_like(features);
@@ -390,17 +347,6 @@ Tensor row_grad(const Tensor& features, const Tensor& labels, const Tensor& norm
 
 }  // namespace
 
-TORCH_LIBRARY(ddfast_cmi_cuda, m) {
-  m.def("row_norm(Tensor features, float inv_t) -> Tensor", &row_norm);
-  m.def("chunk_norm(Tensor features, Tensor order, Tensor start, Tensor end, float inv_t) -> (Tensor, Tensor)", &chunk_norm);
-  m.def("combine_lse(Tensor partial, Tensor first, Tensor counts) -> Tensor", &combine_lse);
-  m.def("row_kl(Tensor features, Tensor labels, Tensor norm, Tensor log_q, float inv_t) -> Tensor", &row_kl);
-  m.def("chunk_centroid_grad(Tensor features, Tensor order, Tensor start, Tensor end, Tensor cls, Tensor norm, Tensor log_q, "
-        "Tensor g, float inv_t) -> Tensor",
-        &chunk_centroid_grad);
-  m.def("combine_mean(Tensor partial, Tensor first, Tensor counts) -> Tensor", &combine_mean);
-  m.def("row_grad(Tensor features, Tensor labels, Tensor norm, Tensor log_q, Tensor kl, Tensor g, Tensor? a, float inv_t) -> Tensor",
-        &row_grad);
-}
+TORCH_LIBRARY(ddfast_cmi_cuda, m) { DDFAST_CMI_DEFINE_KERNELS(m); }
 
 }  // namespace ddfast::cmi

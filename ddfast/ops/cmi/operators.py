@@ -48,8 +48,8 @@ def cmi_forward(features: torch.Tensor, labels: torch.Tensor, centroids: torch.T
     """features (N, K), labels (N,) int64, centroids (C, K) or None (batch centroids).
 
     Returns the loss (scalar, or (N,) for reduction "none") in the features' dtype, and for the
-    backward, in the accumulation dtype: KL (N,), softmax normalisers (N, 2) (each row's max of
-    features / T and log sum exp of the rest), log Q (C, K).
+    backward, in the accumulation dtype: KL (N,), softmax normalisers (N, 2) (each row's max
+    feature and log sum exp((f - max) / T)), log Q (C, K).
     """
     check_values(labels, num_classes, centroids)
     impl = implementation(backend)

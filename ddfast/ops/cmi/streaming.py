@@ -4,8 +4,9 @@ Runs on any device and needs O(C K) memory beyond the inputs plus a few blocks o
 values, so N can grow without bound. Per-class sums use ``index_add_`` (deterministic on the CPU; on
 CUDA only under ``torch.use_deterministic_algorithms``). The functions mirror the compiled backends'
 (see ``kernels.py``); shapes: features (N, K), labels (N,) int64, kl / g (N,), log_q (C, K), and the
-softmax normalisers norm (N, 2): each row's max of z = features / T and log sum exp(z - max), so
-that log P = (z - max) - log-sum keeps full precision near the row's largest entries.
+softmax normalisers norm (N, 2): each row's max of the features and log sum exp((f - max) / T), so
+that log P = (f - max) / T - log-sum is exact at the row's largest entry and keeps full precision
+near it (the differences f - max are exact there).
 """
 
 from __future__ import annotations
@@ -26,26 +27,26 @@ def _blocks(features: torch.Tensor, width: int = 0):
         yield slice(start, min(n, start + step))
 
 
-def _scaled(features: torch.Tensor, rows: slice, temperature: float) -> torch.Tensor:
-    return features[rows].to(accumulation_dtype(features.dtype)) / temperature
+def _rows(features: torch.Tensor, rows: slice) -> torch.Tensor:
+    return features[rows].to(accumulation_dtype(features.dtype))
 
 
-def _normaliser(z: torch.Tensor) -> torch.Tensor:
-    """(rows, 2): each row's max and log sum exp(z - max)."""
-    top = z.amax(dim=1, keepdim=True)
-    return torch.cat([top, (z - top).exp().sum(dim=1, keepdim=True).log()], dim=1)
+def _normaliser(f: torch.Tensor, temperature: float) -> torch.Tensor:
+    """(rows, 2): each row's max and log sum exp((f - max) / T)."""
+    top = f.amax(dim=1, keepdim=True)
+    return torch.cat([top, ((f - top) / temperature).exp().sum(dim=1, keepdim=True).log()], dim=1)
 
 
 def _log_p(features: torch.Tensor, norm: torch.Tensor, rows: slice, temperature: float) -> torch.Tensor:
     """(rows, K) log-softmax, recomputed from the saved normalisers."""
-    return (_scaled(features, rows, temperature) - norm[rows, :1]) - norm[rows, 1:]
+    return (_rows(features, rows) - norm[rows, :1]) / temperature - norm[rows, 1:]
 
 
 def row_norm(features: torch.Tensor, temperature: float) -> torch.Tensor:
     """(N, 2) softmax normalisers of the rows of ``features / temperature``."""
     norm = features.new_empty((features.shape[0], 2), dtype=accumulation_dtype(features.dtype))
     for rows in _blocks(features):
-        norm[rows] = _normaliser(_scaled(features, rows, temperature))
+        norm[rows] = _normaliser(_rows(features, rows), temperature)
     return norm
 
 
@@ -60,9 +61,8 @@ def class_log_centroids(features: torch.Tensor, segments: Segments, temperature:
     col_max = features.new_full((segments.num_classes, k), float("-inf"), dtype=acc)
     col_sum = features.new_zeros((segments.num_classes, k), dtype=acc)
     for rows in _blocks(features):
-        z = _scaled(features, rows, temperature)
-        norm[rows] = _normaliser(z)
-        x = (z - norm[rows, :1]) - norm[rows, 1:]
+        norm[rows] = _normaliser(_rows(features, rows), temperature)
+        x = _log_p(features, norm, rows, temperature)
         y = segments.labels[rows]
         new_max = col_max.scatter_reduce(0, y[:, None].expand_as(x), x, "amax")
         shift = new_max.clamp_min(torch.finfo(acc).min)  # finite, so that -inf - shift = -inf, never nan

@@ -25,25 +25,32 @@ COMBINE_CHUNKS = 8
 
 
 @triton.jit
-def _log_p_tile(f_ptr, rows, row_mask, cols, k, inv_t, top, log_sum):
-    """log P = (features * inv_t - top) - log_sum on a (rows, cols) tile; -inf outside its mask."""
+def _features_tile(f_ptr, rows, row_mask, cols, k, acc_dtype):
+    """A (rows, cols) tile of the features in the accumulation dtype; -inf outside its mask."""
     mask = row_mask[:, None] & (cols < k)[None, :]
-    z = tl.load(f_ptr + rows[:, None] * k + cols[None, :], mask=mask, other=0.0).to(inv_t.dtype) * inv_t
-    return tl.where(mask, (z - top[:, None]) - log_sum[:, None], float("-inf")), mask
+    f = tl.load(f_ptr + rows[:, None] * k + cols[None, :], mask=mask, other=0.0).to(acc_dtype)
+    return tl.where(mask, f, float("-inf")), mask
+
+
+@triton.jit
+def _log_p_tile(f_ptr, rows, row_mask, cols, k, inv_t, top, log_sum):
+    """log P = (features - top) * inv_t - log_sum on a (rows, cols) tile; -inf outside its mask."""
+    f, mask = _features_tile(f_ptr, rows, row_mask, cols, k, inv_t.dtype)
+    return (f - top[:, None]) * inv_t - log_sum[:, None], mask
 
 
 @triton.jit
 def _rows_norm(f_ptr, rows, row_mask, k, inv_t, ROWS: tl.constexpr, BLOCK_K: tl.constexpr):
-    """Each row's max of z = features * inv_t and log sum exp(z - max), by an online max and sum
+    """Each row's max feature and log sum exp((f - max) * inv_t), by an online max and sum
     (-inf for masked rows)."""
     zero = tl.zeros([ROWS], dtype=inv_t.dtype)
     m = zero + float("-inf")
     s = zero
     for k0 in range(0, k, BLOCK_K):
-        z, _ = _log_p_tile(f_ptr, rows, row_mask, k0 + tl.arange(0, BLOCK_K), k, inv_t, zero, zero)
-        m_new = tl.maximum(m, tl.max(z, 1))
+        f, _ = _features_tile(f_ptr, rows, row_mask, k0 + tl.arange(0, BLOCK_K), k, inv_t.dtype)
+        m_new = tl.maximum(m, tl.max(f, 1))
         shift = tl.where(m_new == float("-inf"), 0.0, m_new)
-        s = s * tl.exp(m - shift) + tl.sum(tl.exp(z - shift[:, None]), 1)
+        s = s * tl.exp((m - shift) * inv_t) + tl.sum(tl.exp((f - shift[:, None]) * inv_t), 1)
         m = m_new
     return m, tl.log(s)
 
