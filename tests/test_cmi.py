@@ -7,8 +7,7 @@ import torch
 
 import ddfast
 from ddfast import _extension
-from ddfast.ops.cmi import REGISTRY, CMILoss, cmi_loss, cmi_per_class, streaming
-from ddfast.ops.cmi import triton as _unused_triton_import_guard  # noqa: F401  (fails loudly if triton.py breaks)
+from ddfast.ops.cmi import REGISTRY, CMILoss, cmi_loss, cmi_per_class, cuda, streaming
 from ddfast.ops.cmi.reference import cmi_authors, cmi_reference
 from ddfast.ops.cmi.segments import Segments
 
@@ -78,6 +77,30 @@ def test_many_tiles_and_chunks(name, device, monkeypatch):
     expected_value, expected_grad = value_and_grad(lambda f: cmi_reference(f, labels, 4, temperature=1.3, reduction="none"), features, weights)
     assert_close(value, expected_value, rtol=1e-10, atol=1e-13)
     assert_close(grad, expected_grad, rtol=1e-9, atol=1e-13)
+
+
+@pytest.mark.parametrize("name,device", CASES)
+def test_wide_rows_and_non_contiguous_features(name, device):
+    """K above 1000 (and no multiple of any block or vector width), features given as a strided view."""
+    features, labels = batch(1030, 21, 5, device=device, seed=4)
+    features = features.t()  # (21, 1030), not contiguous
+    labels = labels[:21] % 3
+    weights = weights_for("none", 21, device=device)
+    assert not features.detach().clone().is_contiguous()  # value_and_grad's copy keeps the strides
+    value, grad = value_and_grad(lambda f: cmi_loss(f, labels, 3, temperature=2.5, reduction="none", backend=name), features, weights)
+    expected_value, expected_grad = value_and_grad(lambda f: cmi_reference(f, labels, 3, temperature=2.5, reduction="none"), features, weights)
+    assert_close(value, expected_value, rtol=1e-10, atol=1e-13)
+    assert_close(grad, expected_grad, rtol=1e-9, atol=1e-13)
+
+
+@pytest.mark.parametrize("name,device", [c for c in CASES if c.values[0] != "triton" or c.values[1] != "cpu"])
+def test_hundred_thousand_rows(name, device):
+    """N = 100,000 rows in float32 (the interpreted Triton backend is too slow for this size)."""
+    features, labels = batch(100_003, 8, 12, dtype=torch.float32, device=device, scale=2.0, seed=9)
+    value, grad = value_and_grad(lambda f: cmi_loss(f, labels, 12, backend=name), features, torch.ones((), device=device))
+    exact_value, exact_grad = value_and_grad(lambda f: cmi_reference(f.double(), labels, 12), features, torch.ones((), dtype=torch.float64, device=device))
+    assert_close(value, exact_value, rtol=1e-5, atol=0)
+    assert_close(grad, exact_grad, rtol=1e-4, atol=1e-5 * exact_grad.abs().max().item())
 
 
 @pytest.mark.parametrize("name,device", CASES)
@@ -201,14 +224,15 @@ def test_auto_takes_the_compiled_cpu_kernel():
 
 def test_auto_race_on_cmi(monkeypatch):
     """With a race declared for CPU tensors, auto times the candidates once and caches the pick."""
-    monkeypatch.setattr(REGISTRY, "race", {"cpu": ("torch", "triton")})
+    monkeypatch.setattr(REGISTRY, "race", {"cpu": ("torch", "cpu")})
     monkeypatch.setattr(REGISTRY, "picks", {})
     features, labels = batch(40, 12, 4)
     loss = cmi_loss(features, labels, 4)
-    if len(REGISTRY.available("cpu", torch.float64)) > 2:
-        ((_, pick),) = REGISTRY.picks.items()
-        assert pick in ("torch", "triton")
     assert_close(loss, cmi_reference(features, labels, 4), rtol=1e-10, atol=0)
+    if REGISTRY.problem("cpu", torch.device("cpu"), torch.float64) is None:
+        ((key, pick),) = REGISTRY.picks.items()
+        assert key[:2] == (torch.device("cpu"), torch.float64) and pick in ("torch", "cpu")
+        assert cmi_loss(features * 2, labels, 4) is not None and len(REGISTRY.picks) == 1  # same bucket: no new race
 
 
 def test_segments_cover_each_class_in_chunks():
@@ -222,8 +246,8 @@ def test_segments_cover_each_class_in_chunks():
     assert rows == [[1, 6], [4], [0, 2], [3, 5], [7, 8]]
 
 
-@pytest.mark.parametrize("name", ["cpu", "torch"])
-def test_torch_compile_fullgraph(name):
+@pytest.mark.parametrize("name,compiler", [("cpu", "inductor"), ("torch", "aot_eager")])
+def test_torch_compile_fullgraph(name, compiler):
     if REGISTRY.problem(name, torch.device("cpu"), torch.float32) is not None:
         pytest.skip(f"backend {name} is unavailable here")
     features, labels = batch(33, 17, 5, dtype=torch.float32)
@@ -231,7 +255,7 @@ def test_torch_compile_fullgraph(name):
     def step(f, y):
         return cmi_loss(f, y, 5, temperature=0.9, backend=name) * 2 + cmi_loss(f, y, 5, reduction="none", backend=name).sum()
 
-    compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
+    compiled = torch.compile(step, fullgraph=True, backend=compiler)
     value, grad = value_and_grad(lambda f: compiled(f, labels), features, torch.ones(()))
     expected_value, expected_grad = value_and_grad(lambda f: step(f, labels), features, torch.ones(()))
     assert_close(value, expected_value, rtol=1e-6, atol=0)
@@ -249,6 +273,11 @@ def test_operator_registration(given_centroids, reduction):
 @pytest.mark.skipif(_extension.cuda_home() is None, reason="no CUDA toolkit (nvcc and headers) on this machine")
 def test_cuda_sources_build():
     _extension.build("cmi_cuda")
+
+
+def test_cuda_chunk_size_matches_its_kernel():
+    source = (_extension.csrc_dir() / "cmi" / "cmi_cuda.cu").read_text()
+    assert f"kChunkRows = {cuda.BACKEND.chunk_rows};" in source
 
 
 # ---- bad input: clear errors naming the argument, before any kernel runs ----

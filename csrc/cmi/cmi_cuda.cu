@@ -3,9 +3,9 @@
 // Row kernels give one warp to each row: lanes stride over the columns (coalesced), keep an online
 // (max, sum) or a partial sum, and combine them with __shfl_xor_sync; lane 0's result is broadcast
 // so that every lane uses the same value. Per-class reductions give one block to each chunk of at
-// most kChunkRows rows of one class (ddfast/ops/cmi/segments.py): its warps first compute the rows'
-// softmax normalisers, then each thread reduces one column over the chunk's rows; a combine kernel reduces a
-// class's chunks in order. No atomics: results are deterministic.
+// most kChunkRows rows of one class (ddfast/ops/cmi/segments.py): its warps first compute the
+// rows' softmax normalisers, then each thread reduces one column over the chunk's rows; a combine
+// kernel reduces each class's chunks in order. No atomics: results are deterministic.
 #include <ATen/Dispatch.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>

@@ -1,6 +1,6 @@
 """The glue between the CMI operators and a set of compiled kernels (C++, CUDA C++ or Triton).
 
-Every compiled backend provides the same seven kernels (``csrc/cmi/cmi_cpu.cpp`` documents them);
+Every compiled backend provides the same seven kernels (``csrc/cmi/cmi_ops.h`` documents them);
 ``KernelBackend`` turns them into the five functions every backend offers (``streaming.py`` has the
 pure-torch ones): row softmax normalisers, class log-centroids, per-sample KL, the centroid
 gradient and the feature gradient. Kernels take ``inv_t = 1 / temperature``.

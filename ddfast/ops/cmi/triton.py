@@ -1,10 +1,11 @@
-"""Backend ``triton``: the seven CMI kernels (as documented in ``csrc/cmi/cmi_cpu.cpp``) in Triton.
+"""Backend ``triton``: the seven CMI kernels of ``csrc/cmi/cmi_ops.h`` in Triton.
 
 Row kernels handle ``ROWS`` rows per program and stream over the columns in tiles of ``BLOCK_K``;
 per-class reductions take one chunk of at most ``CHUNK_ROWS`` rows of one class per program (one
 tile), then a combine kernel reduces each class's chunks in order: deterministic, no atomics.
 All arithmetic is in the accumulation dtype (float32, float64 for float64 inputs); the scale
 ``inv_t`` travels as a one-element tensor of that dtype so that float64 keeps full precision.
+Shapes and the normalisers ``norm`` (N, 2) as in ``csrc/cmi/cmi_ops.h``.
 """
 
 from __future__ import annotations
