@@ -72,20 +72,19 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-_REGISTRIES: dict[str, Registry] = {}  # by operation name, for _missing
+_REGISTRIES: dict[str, Registry] = {}  # by Registry.key, for _missing
 
 
 @torch.compiler.assume_constant_result
-def _missing(op: str, name: str) -> str | None:
-    """``missing()`` of backend ``name`` of operation ``op``. ``torch.compile`` runs it once while
-    tracing and keeps the answer as a constant rather than tracing the extension loader."""
-    return _REGISTRIES[op].backends[name].missing()
+def _missing(key: str, name: str) -> str | None:
+    """``missing()`` of backend ``name`` of the registry ``key``. ``torch.compile`` runs it once
+    while tracing and keeps the answer as a constant rather than tracing the extension loader."""
+    return _REGISTRIES[key].backends[name].missing()
 
 
 @dataclass
 class Registry:
-    """The backends of one operation (``op``, a unique name), ``auto``'s preference and its raced
-    backends per device type.
+    """The backends of one operation, ``auto``'s preference and its raced backends per device type.
 
     ``clock`` times the races (a fake one in tests); ``picks`` caches their winners by
     (device, dtype, size bucket).
@@ -97,9 +96,11 @@ class Registry:
     race: dict[str, tuple[str, ...]] = field(default_factory=dict)
     clock: Callable[[], float] = time.perf_counter
     picks: dict[tuple, str] = field(default_factory=dict)
+    key: str = field(init=False)
 
     def __post_init__(self):
-        _REGISTRIES[self.op] = self
+        self.key = f"{self.op}#{len(_REGISTRIES)}"
+        _REGISTRIES[self.key] = self
 
     def add(self, backend: Backend) -> Backend:
         self.backends[backend.name] = backend
@@ -115,7 +116,7 @@ class Registry:
             return f"it does not run on {device.type} tensors"
         if dtype == torch.float64 and not backend.float64:
             return "it does not support float64"
-        return _missing(self.op, name)
+        return _missing(self.key, name)
 
     def available(self, device: torch.device | str, dtype: torch.dtype = torch.float32) -> list[str]:
         """Backends that can run here for ``device`` / ``dtype`` inputs."""
@@ -152,7 +153,7 @@ class Registry:
         key = (device, dtype, max(int(size), 1).bit_length())
         if key not in self.picks:
             self.picks[key] = min(candidates, key=lambda name: self._time(name, device, trial))
-        return self.picks.get(key)
+        return self.picks[key]
 
     def _time(self, name: str, device: torch.device, trial: Callable[[str], object]) -> float:
         """Best of ``TRIAL_REPEATS`` timed runs of ``trial(name)`` after one warm-up run."""

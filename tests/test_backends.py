@@ -91,3 +91,11 @@ def test_explicit_backends_are_checked():
         reg.resolve("broken", torch.device("cpu"), torch.float32)
     with pytest.raises(RuntimeError, match="does not run on meta"):
         reg.resolve("fast", torch.device("meta"), torch.float32)
+
+
+def test_registries_of_the_same_name_stay_apart():
+    first = registry(FakeClock())
+    second = Registry("op", preference={"cpu": ("broken",)})
+    second.add(Backend("broken", lambda device: True))  # available in this one
+    assert first.problem("broken", torch.device("cpu"), torch.float32) == "no compiler"
+    assert second.resolve(AUTO, torch.device("cpu"), torch.float32) == "broken"
