@@ -28,10 +28,7 @@ class KernelBackend:
     @classmethod
     def from_extension(cls, name: str, chunk_rows: int) -> KernelBackend:
         """The kernels of extension ``name`` in ``csrc/`` (built on first use, see ``ddfast._extension``)."""
-        def missing() -> str | None:
-            return None if _extension.load(name) is not None else _extension.load_error(name)
-
-        return cls(lambda: _extension.load(name), chunk_rows, missing)
+        return cls(lambda: _extension.load(name), chunk_rows, lambda: _extension.missing(name))
 
     @property
     def kernels(self):

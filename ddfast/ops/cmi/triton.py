@@ -23,6 +23,7 @@ ROWS = 16
 BLOCK_K = 128
 CHUNK_ROWS = 32
 COMBINE_CHUNKS = 8
+LAUNCH = {"num_warps": 4, "num_stages": 3}
 
 
 @triton.jit
@@ -203,7 +204,7 @@ def _acc_empty(features: torch.Tensor, *shape: int) -> torch.Tensor:
 def row_norm(features: torch.Tensor, inv_t: float) -> torch.Tensor:
     n, k = features.shape
     norm = _acc_empty(features, n, 2)
-    _row_norm_kernel[(triton.cdiv(n, ROWS),)](features, norm, _scale(features, inv_t), n, k, ROWS=ROWS, BLOCK_K=_block_k(k))
+    _row_norm_kernel[(triton.cdiv(n, ROWS),)](features, norm, _scale(features, inv_t), n, k, ROWS=ROWS, BLOCK_K=_block_k(k), **LAUNCH)
     return norm
 
 
@@ -211,7 +212,7 @@ def chunk_norm(features: torch.Tensor, order: torch.Tensor, start: torch.Tensor,
     n, k = features.shape
     norm, partial = _acc_empty(features, n, 2), _acc_empty(features, start.shape[0], k)
     _chunk_norm_kernel[(start.shape[0],)](features, order, start, end, norm, partial, _scale(features, inv_t), k,
-                                          CHUNK=CHUNK_ROWS, BLOCK_K=_block_k(k))
+                                          CHUNK=CHUNK_ROWS, BLOCK_K=_block_k(k), **LAUNCH)
     return norm, partial
 
 
@@ -220,7 +221,7 @@ def _combine(partial: torch.Tensor, first: torch.Tensor, counts: torch.Tensor, l
     out = torch.empty((counts.shape[0], k), dtype=partial.dtype, device=partial.device)
     block_k = _block_k(k)
     _combine_kernel[(counts.shape[0], triton.cdiv(k, block_k))](partial, first, counts, out, k, LOG=log,
-                                                                CHUNKS=COMBINE_CHUNKS, BLOCK_K=block_k)
+                                                                CHUNKS=COMBINE_CHUNKS, BLOCK_K=block_k, **LAUNCH)
     return out
 
 
@@ -236,7 +237,7 @@ def row_kl(features: torch.Tensor, labels: torch.Tensor, norm: torch.Tensor, log
     n, k = features.shape
     kl = _acc_empty(features, n)
     _row_kl_kernel[(triton.cdiv(n, ROWS),)](features, labels, norm, log_q, kl, _scale(features, inv_t), n, k,
-                                            ROWS=ROWS, BLOCK_K=_block_k(k))
+                                            ROWS=ROWS, BLOCK_K=_block_k(k), **LAUNCH)
     return kl
 
 
@@ -245,7 +246,7 @@ def chunk_centroid_grad(features, order, start, end, cls, norm, log_q, g, inv_t:
     partial = _acc_empty(features, start.shape[0], k)
     block_k = _block_k(k)
     _chunk_centroid_grad_kernel[(start.shape[0], triton.cdiv(k, block_k))](
-        features, order, start, end, cls, norm, log_q, g, partial, _scale(features, inv_t), k, CHUNK=CHUNK_ROWS, BLOCK_K=block_k)
+        features, order, start, end, cls, norm, log_q, g, partial, _scale(features, inv_t), k, CHUNK=CHUNK_ROWS, BLOCK_K=block_k, **LAUNCH)
     return partial
 
 
@@ -253,7 +254,7 @@ def row_grad(features, labels, norm, log_q, kl, g, a, inv_t: float) -> torch.Ten
     n, k = features.shape
     out = torch.empty_like(features)
     _row_grad_kernel[(triton.cdiv(n, ROWS),)](features, labels, norm, log_q, kl, g, kl if a is None else a, out,
-                                              _scale(features, inv_t), n, k, HAS_A=a is not None, ROWS=ROWS, BLOCK_K=_block_k(k))
+                                              _scale(features, inv_t), n, k, HAS_A=a is not None, ROWS=ROWS, BLOCK_K=_block_k(k), **LAUNCH)
     return out
 
 
