@@ -10,8 +10,8 @@ that ``auto`` races on a device type: on the first call for a (device, dtype, si
 runnable candidate runs the caller's ``trial`` once to warm up (JIT compilation, caches), then
 ``TRIAL_REPEATS`` times under a timer; the fastest by its best time is cached and returned from then
 on, so ``auto`` is deterministic after that first call. Size buckets are powers of two of the size the
-caller gives. While ``torch.compile`` traces (inputs are fake there, sizes may be symbolic) there is
-no race: ``auto`` takes the preference order.
+caller gives. Operations resolve their backend inside their opaque operators, so ``torch.compile``
+never traces this.
 """
 
 from __future__ import annotations
@@ -72,16 +72,6 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-_REGISTRIES: dict[str, Registry] = {}  # by Registry.key, for _missing
-
-
-@torch.compiler.assume_constant_result
-def _missing(key: str, name: str) -> str | None:
-    """``missing()`` of backend ``name`` of the registry ``key``. ``torch.compile`` runs it once
-    while tracing and keeps the answer as a constant rather than tracing the extension loader."""
-    return _REGISTRIES[key].backends[name].missing()
-
-
 @dataclass
 class Registry:
     """The backends of one operation, ``auto``'s preference and its raced backends per device type.
@@ -96,11 +86,6 @@ class Registry:
     race: dict[str, tuple[str, ...]] = field(default_factory=dict)
     clock: Callable[[], float] = time.perf_counter
     picks: dict[tuple, str] = field(default_factory=dict)
-    key: str = field(init=False)
-
-    def __post_init__(self):
-        self.key = f"{self.op}#{len(_REGISTRIES)}"
-        _REGISTRIES[self.key] = self
 
     def add(self, backend: Backend) -> Backend:
         self.backends[backend.name] = backend
@@ -116,7 +101,7 @@ class Registry:
             return f"it does not run on {device.type} tensors"
         if dtype == torch.float64 and not backend.float64:
             return "it does not support float64"
-        return _missing(self.key, name)
+        return backend.missing()
 
     def available(self, device: torch.device | str, dtype: torch.dtype = torch.float32) -> list[str]:
         """Backends that can run here for ``device`` / ``dtype`` inputs."""
@@ -148,7 +133,7 @@ class Registry:
     def _raced(self, device: torch.device, dtype: torch.dtype, trial, size: int) -> str | None:
         """The cached or newly measured fastest of the raced candidates, or ``None`` without a race."""
         candidates = [n for n in self.race.get(device.type, ()) if n in self.backends and self.problem(n, device, dtype) is None]
-        if len(candidates) < 2 or trial is None or torch.compiler.is_compiling():
+        if len(candidates) < 2 or trial is None:
             return None
         key = (device, dtype, max(int(size), 1).bit_length())
         if key not in self.picks:

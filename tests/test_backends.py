@@ -74,14 +74,6 @@ def test_no_race_without_a_trial_or_with_one_candidate():
     assert reg.picks == {}
 
 
-def test_no_race_while_compiling(monkeypatch):
-    clock, calls = FakeClock(), []
-    reg = registry(clock, cpu=("fast", "slow"))
-    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
-    assert reg.resolve(AUTO, torch.device("cpu"), torch.float32, trial=timed_trial(clock, {}, calls)) == "slow"
-    assert calls == [] and reg.picks == {}
-
-
 def test_explicit_backends_are_checked():
     reg = registry(FakeClock())
     assert reg.resolve("fast", torch.device("cpu"), torch.float32) == "fast"
@@ -91,11 +83,3 @@ def test_explicit_backends_are_checked():
         reg.resolve("broken", torch.device("cpu"), torch.float32)
     with pytest.raises(RuntimeError, match="does not run on meta"):
         reg.resolve("fast", torch.device("meta"), torch.float32)
-
-
-def test_registries_of_the_same_name_stay_apart():
-    first = registry(FakeClock())
-    second = Registry("op", preference={"cpu": ("broken",)})
-    second.add(Backend("broken", lambda device: True))  # available in this one
-    assert first.problem("broken", torch.device("cpu"), torch.float32) == "no compiler"
-    assert second.resolve(AUTO, torch.device("cpu"), torch.float32) == "broken"

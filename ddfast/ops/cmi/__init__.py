@@ -18,15 +18,9 @@ import torch
 from torch import nn
 
 from ... import _checks
-from ..._backends import AUTO, Backend, Registry, accumulation_dtype, triton_missing, triton_runs_on
-from . import cpu, cuda, operators, reference
-
-REGISTRY = Registry("cmi_loss", preference={"cpu": ("cpu",), "cuda": ("triton", "cuda")}, race={"cuda": ("triton", "cuda")})
-REGISTRY.add(Backend("reference", lambda device: True))
-REGISTRY.add(Backend("torch", lambda device: True))
-REGISTRY.add(Backend("cpu", lambda device: device == "cpu", missing=cpu.BACKEND.missing))
-REGISTRY.add(Backend("triton", triton_runs_on, missing=triton_missing))
-REGISTRY.add(Backend("cuda", lambda device: device == "cuda", missing=cuda.BACKEND.missing))
+from ..._backends import AUTO, accumulation_dtype
+from . import operators, reference
+from .operators import REGISTRY
 
 
 def cmi_loss(features: torch.Tensor, labels: torch.Tensor, num_classes: int | None = None, *, temperature: float = 1.0,
@@ -45,15 +39,10 @@ def cmi_loss(features: torch.Tensor, labels: torch.Tensor, num_classes: int | No
     """
     features, labels, centroids, num_classes, temperature = _validated(features, labels, num_classes, temperature, centroids)
     _checks.reduction(reduction)
-
-    def trial(name: str) -> None:
-        _run_with_backward(features.detach(), labels, centroids, num_classes, temperature, reduction, name)
-
-    name = REGISTRY.resolve(backend, features.device, features.dtype, trial=trial, size=features.numel())
-    if name == "reference":
+    if backend == "reference":
         operators.check_values(labels, num_classes, centroids)
         return reference.cmi_reference(features, labels, num_classes, temperature=temperature, centroids=centroids, reduction=reduction)
-    return torch.ops.ddfast.cmi_forward(features, labels, centroids, num_classes, temperature, reduction, name)[0]
+    return torch.ops.ddfast.cmi_forward(features, labels, centroids, num_classes, temperature, reduction, backend)[0]
 
 
 def cmi_per_class(features: torch.Tensor, labels: torch.Tensor, num_classes: int | None = None, *, temperature: float = 1.0,
@@ -114,12 +103,6 @@ def _num_classes(num_classes, labels: torch.Tensor, centroids: torch.Tensor | No
     if isinstance(num_classes, bool) or not isinstance(num_classes, (int, torch.SymInt)) or num_classes < 1:
         raise ValueError(f"num_classes must be a positive int, got {num_classes!r}")
     return num_classes
-
-
-def _run_with_backward(features, labels, centroids, num_classes, temperature, reduction, backend) -> None:
-    """One forward and backward through the operators (``auto``'s race trial)."""
-    loss, kl, norm, log_q = torch.ops.ddfast.cmi_forward(features, labels, centroids, num_classes, temperature, reduction, backend)
-    torch.ops.ddfast.cmi_backward(torch.ones_like(loss), features, labels, kl, norm, log_q, centroids is None, temperature, reduction, backend)
 
 
 __all__ = ["CMILoss", "REGISTRY", "cmi_loss", "cmi_per_class"]

@@ -1,26 +1,41 @@
 """The torch.library operators ``ddfast::cmi_forward`` / ``ddfast::cmi_backward`` and their autograd.
 
-Both are opaque to ``torch.compile`` (fake implementations give their shapes). They check the
-values of their inputs (labels in range, centroids a probability simplex), then run one backend's
-functions (``streaming.py`` or a ``kernels.KernelBackend``), accumulating in float32 (float64 for
-float64 inputs). The backward is first-order only.
+Both are opaque to ``torch.compile`` (fake implementations give their shapes). They resolve the
+backend (``auto``: ``cpu`` on CPU tensors; on a GPU, ``triton`` raced against ``cuda`` once per
+device, dtype and size bucket), check the values of their inputs (labels in range, centroids a
+probability simplex), then run that backend's functions (``streaming.py`` or a
+``kernels.KernelBackend``), accumulating in float32 (float64 for float64 inputs). The backward is
+first-order only.
 """
 
 from __future__ import annotations
 
 import importlib
+from typing import Optional
 
 import torch
 
-from ..._backends import accumulation_dtype
+from ..._backends import Backend, Registry, accumulation_dtype, triton_missing, triton_runs_on
+from . import cpu, cuda
 from .segments import Segments
+
+REGISTRY = Registry("cmi_loss", preference={"cpu": ("cpu",), "cuda": ("triton", "cuda")}, race={"cuda": ("triton", "cuda")})
+REGISTRY.add(Backend("reference", lambda device: True))
+REGISTRY.add(Backend("torch", lambda device: True))
+REGISTRY.add(Backend("cpu", lambda device: device == "cpu", missing=cpu.BACKEND.missing))
+REGISTRY.add(Backend("triton", triton_runs_on, missing=triton_missing))
+REGISTRY.add(Backend("cuda", lambda device: device == "cuda", missing=cuda.BACKEND.missing))
 
 _MODULES = {"torch": "streaming", "cpu": "cpu", "triton": "triton", "cuda": "cuda"}
 
 
-def implementation(backend: str):
-    """The functions of ``backend`` (imported on first use: Triton and the extensions are optional)."""
-    module = importlib.import_module(f".{_MODULES[backend]}", __package__)
+def implementation(backend: str, features: torch.Tensor, trial=None):
+    """The functions of ``backend`` (``auto`` resolved, racing with ``trial(name)`` where it races),
+    imported on first use: Triton and the extensions are optional."""
+    name = REGISTRY.resolve(backend, features.device, features.dtype, trial=trial, size=features.numel())
+    if name == "reference":
+        raise ValueError("backend='reference' is plain torch and does not run through the fused operator")
+    module = importlib.import_module(f".{_MODULES[name]}", __package__)
     return getattr(module, "BACKEND", module)
 
 
@@ -43,7 +58,7 @@ def check_values(labels: torch.Tensor, num_classes: int, centroids: torch.Tensor
 
 
 @torch.library.custom_op("ddfast::cmi_forward", mutates_args=())
-def cmi_forward(features: torch.Tensor, labels: torch.Tensor, centroids: torch.Tensor | None, num_classes: int,
+def cmi_forward(features: torch.Tensor, labels: torch.Tensor, centroids: Optional[torch.Tensor], num_classes: int,
                 temperature: float, reduction: str, backend: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """features (N, K), labels (N,) int64, centroids (C, K) or None (batch centroids).
 
@@ -52,8 +67,18 @@ def cmi_forward(features: torch.Tensor, labels: torch.Tensor, centroids: torch.T
     feature and log sum exp((f - max) / T)), log Q (C, K).
     """
     check_values(labels, num_classes, centroids)
-    impl = implementation(backend)
     features = features.contiguous()
+
+    def trial(name: str) -> None:
+        """One forward and backward with backend ``name``: what ``auto`` races."""
+        impl = implementation(name, features)
+        loss, kl, norm, log_q = _forward(impl, features, labels, centroids, num_classes, temperature, reduction)
+        _backward_features(impl, torch.ones_like(loss), features, labels, kl, norm, log_q, centroids is None, temperature, reduction)
+
+    return _forward(implementation(backend, features, trial), features, labels, centroids, num_classes, temperature, reduction)
+
+
+def _forward(impl, features, labels, centroids, num_classes, temperature, reduction):
     if centroids is None:
         norm, log_q = impl.class_log_centroids(features, Segments(labels, num_classes), temperature)
     else:
@@ -91,8 +116,12 @@ def cmi_backward(grad: torch.Tensor, features: torch.Tensor, labels: torch.Tenso
     With batch centroids the centroids' own term cancels when every sample has the same upstream
     gradient (reduction mean / sum); for reduction "none" it is computed (one more pass).
     """
-    impl = implementation(backend)
     features = features.contiguous()
+    return _backward_features(implementation(backend, features), grad, features, labels, kl, norm, log_q, batch_centroids,
+                              temperature, reduction)
+
+
+def _backward_features(impl, grad, features, labels, kl, norm, log_q, batch_centroids, temperature, reduction):
     g = per_sample(grad, features.shape[0], reduction, kl.dtype)
     a = None
     if batch_centroids and reduction == "none":
