@@ -11,7 +11,7 @@ from typing import NamedTuple
 
 import torch
 
-CHUNK_ROWS = 4096  # rows of the key side materialised at once in the accumulation dtype
+CHUNK_ROWS = 8192  # rows of the key side materialised at once in the accumulation dtype
 
 
 class Positives(NamedTuple):
