@@ -1,0 +1,157 @@
+"""Benchmark ddfast's operations against the plain-torch reference, torch.compile and peer libraries.
+
+Every case (operation, shape, dtype, implementation) is timed (forward, forward+backward) and its peak
+memory measured; CPU cases run one fresh process each. Results go to
+``<out>/<device>-<date>.{json,csv}`` (rewritten after every case) and ``<out>/<device>-<date>-<op>-<dtype>.png``;
+the table goes to stdout.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import gc
+import os
+import sys
+import time
+from pathlib import Path
+
+if __package__ in (None, ""):  # run as ``python benchmarks/run.py``: import from this checkout
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch
+from tqdm import tqdm
+
+from benchmarks import case, device as machine, harness, ops, report
+
+RESULTS = Path(__file__).resolve().parent / "results"
+CASE_TIMEOUT_S = {"tiny": 120, "default": 120, "full": 1800}
+EXAMPLES = """examples:
+  python benchmarks/run.py                       every operation, default preset (within 5 minutes on 2 CPU cores)
+  python benchmarks/run.py --full                large sizes
+  python benchmarks/run.py --ops infonce --sizes 1000,50000 --dtypes float32,bfloat16 --impls cpu,reference
+"""
+
+
+def parse(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], epilog=EXAMPLES,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--ops", default=",".join(ops.OPS), help=f"comma-separated operations (default: {','.join(ops.OPS)})")
+    p.add_argument("--preset", choices=["tiny", "default", "full"], default="default", help="sizes (default: default)")
+    p.add_argument("--full", dest="preset", action="store_const", const="full", help="same as --preset full")
+    p.add_argument("--sizes", help="comma-separated values of each operation's swept dimension, replacing the preset's "
+                                   "(infonce: M, the keys), other dimensions from the preset's first shape")
+    p.add_argument("--dtypes", default="float32", help="comma-separated torch dtypes (default: float32)")
+    p.add_argument("--impls", help="comma-separated implementations (default: every one that runs here): ddfast backend "
+                                   "names (reference, torch, cpu, triton, cuda), 'compiled' (the reference under "
+                                   "torch.compile), peers (pml-supcon)")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu or cuda (default: cuda if present)")
+    p.add_argument("--out", type=Path, default=RESULTS, help=f"results folder (default: {RESULTS})")
+    p.add_argument("--case-timeout", type=float, help="seconds per CPU case before it is stopped and recorded as a timeout "
+                                                      f"(default by preset: {CASE_TIMEOUT_S})")
+    p.add_argument("--memory-cap", type=float, help="GiB a CPU case may allocate before it is recorded as out of memory "
+                                                    "(default: 80%% of the memory available at start)")
+    return p.parse_args(argv)
+
+
+def available_memory_bytes() -> int | None:
+    try:
+        with open("/proc/meminfo") as meminfo:
+            return next(int(line.split()[1]) * 1024 for line in meminfo if line.startswith("MemAvailable:"))
+    except (OSError, StopIteration):
+        return None
+
+
+def plan(args: argparse.Namespace, device: torch.device, doc: dict) -> list[case.Case]:
+    """Every case to run, ordered by operation, dtype, size, implementation; records what cannot run."""
+    wanted = set(args.impls.split(",")) if args.impls else None
+    sizes = [int(s) for s in args.sizes.split(",")] if args.sizes else None
+    cases = []
+    for op_name in args.ops.split(","):
+        op = ops.load(op_name)
+        for dtype_name in args.dtypes.split(","):
+            problems = {name: why for name, why in ops.problems(op, device, getattr(torch, dtype_name)).items()
+                        if wanted is None or name in wanted}
+            doc["not_run"].setdefault(op_name, {}).update({n: why for n, why in problems.items() if why is not None})
+            for shape in ops.shapes(op, device.type, args.preset, sizes):
+                cases += [case.Case(op_name, name, shape, dtype_name, str(device)) for name, why in problems.items() if why is None]
+    return cases
+
+
+def measure(c: case.Case, args: argparse.Namespace, memory_cap: int | None) -> dict:
+    """CPU: a fresh process per case (its resident memory is the figure). CUDA: in this process."""
+    if c.device == "cpu":
+        return case.isolated(c, args.case_timeout or CASE_TIMEOUT_S[args.preset], memory_cap)
+    r = case.run(c)
+    gc.collect()
+    torch.cuda.empty_cache()
+    return r
+
+
+def summary(r: dict) -> str:
+    if r["status"] != case.OK:
+        return f"{r['status']} {r['note']}"
+    both = r["forward_backward"]
+    peak = "" if both["peak_bytes"] is None else f", {both['peak_bytes'] / report.MIB:.1f} MiB"
+    return f"fwd {r['forward']['median_ms']:.3g} ms, fwd+bwd {both['median_ms']:.3g} ms{peak}"
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse(argv)
+    device = torch.device(args.device)
+    dtypes = [getattr(torch, d) for d in args.dtypes.split(",")]
+    args.out.mkdir(parents=True, exist_ok=True)
+    stem = args.out / f"{machine.slug(device)}-{datetime.date.today().isoformat()}"
+    memory_cap = int(args.memory_cap * (1 << 30)) if args.memory_cap else int(0.8 * (available_memory_bytes() or 0)) or None
+    doc = {
+        "created": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
+        "command": " ".join(["python benchmarks/run.py", *(argv if argv is not None else sys.argv[1:])]),
+        "settings": {"preset": args.preset, "ops": args.ops, "dtypes": args.dtypes, "sizes": args.sizes, "impls": args.impls,
+                     "case_timeout_s": args.case_timeout or CASE_TIMEOUT_S[args.preset],
+                     "memory_cap_bytes": memory_cap if device.type == "cpu" else None, **harness.describe(device)},
+        "hardware": {**machine.hardware(device), "load_average_start": os.getloadavg()},
+        "software": machine.software(),
+        "git": machine.git(case.ROOT),
+        "not_run": {},
+        "results": [],
+    }
+    print(f"measuring this device's matmul rate and memory bandwidth ({device}) ...", file=sys.stderr)
+    doc["rates"] = machine.rates(device, dtypes)
+    cases = plan(args, device, doc)
+    failed: dict[tuple, dict] = {}  # (op, dtype, impl) -> first result out of memory or time
+    started = time.perf_counter()
+    try:
+        progress = tqdm(cases, file=sys.stderr, unit="case", dynamic_ncols=True, disable=not sys.stderr.isatty())
+        for c in progress:
+            progress.set_description(c.label())
+            axis = ops.load(c.op).AXIS
+            first = failed.get((c.op, c.dtype, c.impl))
+            if first and c.shape[axis] > first["shape"][axis]:
+                r = case.result(c, case.SKIPPED, f"{first['status']} at {axis}={first['shape'][axis]}")
+            else:
+                r = measure(c, args, memory_cap)
+            if r["status"] in (case.OUT_OF_MEMORY, case.TIMEOUT):
+                failed.setdefault((c.op, c.dtype, c.impl), r)
+            if r["status"] == case.OK:
+                report.add_throughput(r, ops.load(c.op).work(c.shape, getattr(torch, c.dtype)), doc["rates"])
+            doc["results"].append(r)
+            tqdm.write(f"{c.label()}: {summary(r)}", file=sys.stderr)
+            report.write_json(doc, stem.with_suffix(".json"))
+            report.write_csv(doc, stem.with_suffix(".csv"))
+    except KeyboardInterrupt:
+        doc["interrupted"] = True
+        print("interrupted: writing the results gathered so far", file=sys.stderr)
+    doc["elapsed_s"] = round(time.perf_counter() - started, 1)
+    doc["hardware"]["load_average_end"] = os.getloadavg()
+    doc["checks"] = [entry for op_name in args.ops.split(",")
+                     for entry in report.checks(doc["results"], device.type, op_name, ops.load(op_name).CHECKS)]
+    report.write_json(doc, stem.with_suffix(".json"))
+    report.write_csv(doc, stem.with_suffix(".csv"))
+    plots = [path for op_name in args.ops.split(",") for path in report.plot(doc, op_name, ops.load(op_name).AXIS, stem)]
+    print(report.table(doc))
+    print("wrote " + ", ".join(str(p) for p in [stem.with_suffix(".json"), stem.with_suffix(".csv"), *plots]), file=sys.stderr)
+    return 130 if doc.get("interrupted") else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
