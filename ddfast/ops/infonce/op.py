@@ -16,7 +16,7 @@ from ... import _extension
 from ..._backends import Backend, Registry, triton_missing, triton_runs_on
 from . import positives
 
-TRITON_MAX_DIM = 1024  # the Triton kernels keep a full row of D in registers
+TRITON_MAX_DIM = 1024  # the Triton kernels hold whole rows of D on chip
 
 REGISTRY = Registry("infonce", preference={"cuda": ("triton", "torch"), "cpu": ("cpu", "torch")})
 REGISTRY.add(Backend("reference", runs_on=lambda device: True))
