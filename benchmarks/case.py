@@ -48,7 +48,6 @@ def run(case: Case) -> dict:
     """Measure ``case`` in this process (see the module docstring)."""
     device, dtype = torch.device(case.device), getattr(torch, case.dtype)
     op = ops.load(case.op)
-    torch.compiler.reset()  # a fresh torch.compile cache per case, so every shape gets its own graph
     try:
         impl = ops.implementation(op, case.impl)
         calls = ops.calls(impl, op.inputs(case.shape, dtype, device))
@@ -60,7 +59,7 @@ def run(case: Case) -> dict:
         return result(case, OK, **figures)
     except Exception as exc:  # a failing implementation is a result; the sweep goes on
         # the CPU allocator raises a plain RuntimeError under the memory cap
-        if isinstance(exc, (torch.OutOfMemoryError, MemoryError)) or "can't allocate memory" in str(exc):
+        if isinstance(exc, (torch.cuda.OutOfMemoryError, MemoryError)) or "can't allocate memory" in str(exc):
             return result(case, OUT_OF_MEMORY, _first_line(exc))
         return result(case, ERROR, f"{type(exc).__name__}: {_first_line(exc)}")
 

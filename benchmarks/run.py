@@ -82,6 +82,7 @@ def measure(c: case.Case, args: argparse.Namespace, memory_cap: int | None) -> d
     """CPU: a fresh process per case (its resident memory is the figure). CUDA: in this process."""
     if c.device == "cpu":
         return case.isolated(c, args.case_timeout or CASE_TIMEOUT_S[args.preset], memory_cap)
+    torch.compiler.reset()  # each case compiles its own graph, whatever the earlier cases compiled
     r = case.run(c)
     gc.collect()
     torch.cuda.empty_cache()
