@@ -18,9 +18,10 @@ from collections.abc import Callable
 
 import torch
 
-CPU_TIME = ("wall-clock (time.perf_counter) of repeated calls after a warm-up call: at least {min_reps} "
-            "calls and {min_time} s; median, 20th and 80th percentiles")
-CUDA_TIME = "triton.testing.do_bench (CUDA events, L2 flushed, {min_time} s of calls): median, 20th and 80th percentiles"
+CPU_TIME = ("median wall-clock time (time.perf_counter) of repeated calls after a warm-up call, at least {min_reps} "
+            "calls and {min_time} s (20th and 80th percentiles in the JSON and CSV)")
+CUDA_TIME = ("median of triton.testing.do_bench (CUDA events, L2 cache flushed, about {min_time} s of calls; 20th and "
+             "80th percentiles in the JSON and CSV)")
 CPU_MEMORY = ("peak resident set size (VmHWM) during the call minus the resident set size right before it, in a fresh "
               "process per case after the inputs are built and one warm-up call; before the call glibc's free heap is "
               "returned to the system (malloc_trim) and VmHWM is reset (/proc/self/clear_refs)")

@@ -14,8 +14,10 @@ from . import ops
 from .case import OK
 
 UNITS = {"flop": ("TFLOP/s", 1e12, "matmul_tflops", "% matmul"), "byte": ("GB/s", 1e9, "bandwidth_gbs", "% bandwidth")}
-PHASE_LABEL = {"forward": "fwd", "forward_backward": "fwd+bwd"}
 MIB = 1 << 20
+LEGEND = ("ddfast's backends by name (reference: the plain-torch formula; torch: streaming in pure torch; cpu: compiled "
+          f"C++; triton, cuda: GPU kernels); {ops.COMPILED}: the reference under torch.compile; peers: other libraries' "
+          "implementations, where installed")
 
 
 def add_throughput(result: dict, work: ops.Work, rates: dict) -> dict:
@@ -56,13 +58,15 @@ def _shape(shape: dict) -> str:
 
 def table(doc: dict) -> str:
     """Markdown tables, one per operation, then what did not run and the acceptance checks."""
-    hw, sw, rates = doc["hardware"], doc["software"], doc["rates"]
+    hw, sw, rates, settings = doc["hardware"], doc["software"], doc["rates"], doc["settings"]
     matmul = ", ".join(f"{dtype} {value:.3g} TFLOP/s" for dtype, value in rates["matmul_tflops"].items())
-    lines = [f"Device: {hw.get('gpu') or hw['cpu']} ({hw['device']}; {hw['cpu']}, {hw['cpu_count']} CPUs, "
-             f"{hw['torch_threads']} torch threads); load average {' '.join(f'{x:.1f}' for x in hw['load_average_start'])} "
-             f"at start. Measured here: matmul {matmul}; copy bandwidth {rates['bandwidth_gbs']:.3g} GB/s. "
-             f"torch {sw['torch']}, triton {sw['triton']}, commit {(doc['git']['commit'] or '?')[:10]}"
-             f"{' (dirty)' if doc['git']['dirty'] else ''}.", ""]
+    where = f"{hw['gpu']} ({hw['device']}), host {hw['cpu']}" if hw.get("gpu") else f"{hw['cpu']} ({hw['device']})"
+    lines = [f"Device: {where}, {hw['cpu_count']} CPUs, {hw['torch_threads']} torch threads; load average "
+             f"{' '.join(f'{x:.1f}' for x in hw['load_average_start'])} at start. Measured in this run: matmul {matmul}; "
+             f"copy bandwidth {rates['bandwidth_gbs']:.3g} GB/s. torch {sw['torch']}, triton {sw['triton']}, "
+             f"commit {(doc['git']['commit'] or '?')[:10]}{' (dirty)' if doc['git']['dirty'] else ''}.", "",
+             f"Implementations: {LEGEND}. Times: {settings['time']}. "
+             f"Memory: {settings['memory']}. Ratios are to the reference's forward+backward.", ""]
     for op_name in dict.fromkeys(r["op"] for r in doc["results"]):
         results = [r for r in doc["results"] if r["op"] == op_name]
         unit = next((r["work"] for r in results if "work" in r), None)
