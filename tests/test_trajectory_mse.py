@@ -22,6 +22,7 @@ CASES = {
     "list_B1": ([(1, 3, 5, 7), (1, 1), (1, 8193), (1, 0), (1, 2, 3)], True, True),
     "list_B3": ([(3, 17, 9), (3,), (3, 4099), (3, 0, 4), (3, 5)], True, True),
     "list_unbatched": ([(16, 3, 3, 3), (16,), (16,), (16, 16, 3, 3), (10, 257), (10,)], True, False),
+    "list_default": ([(16, 3, 3, 3), (16,), (7, 16, 3, 3), (10, 257)], True, None),  # one trajectory's parameters
     "tensor_unbatched": ([(2, 3, 1001)], False, False),
 }
 
@@ -126,8 +127,9 @@ def test_model_shaped_parameter_lists(device, name, model):
 
 def test_output_shapes():
     args = make_inputs("list_B3")
-    assert trajectory_mse(*args, reduction="none").shape == (3,)
-    assert trajectory_mse(*args, reduction="mean").shape == ()
+    assert trajectory_mse(*args, reduction="none", batched=True).shape == (3,)
+    assert trajectory_mse(*args, reduction="mean", batched=True).shape == ()
+    assert trajectory_mse(*args, reduction="none").shape == (1,)  # a list is one trajectory by default
     assert trajectory_mse(*make_inputs("vector"), reduction="none").shape == (1,)
     assert trajectory_mse(*make_inputs("list_unbatched"), reduction="none", batched=False).shape == (1,)
 
@@ -138,7 +140,7 @@ def test_reference_is_the_mtt_formula():
     for b in range(3):
         flat = [torch.cat([x[b].reshape(-1) for x in arg]) for arg in (student, start, target)]
         expected = (flat[0] - flat[2]).pow(2).sum() / (flat[1] - flat[2]).pow(2).sum()
-        got = reference.trajectory_mse(student, start, target, reduction="none")[b]
+        got = reference.trajectory_mse(student, start, target, reduction="none", batched=True)[b]
         torch.testing.assert_close(got, expected, rtol=1e-14, atol=0)
 
 
@@ -273,8 +275,8 @@ def test_auto_prefers_the_compiled_cpu_kernel():
 
 def test_module_twin():
     args = make_inputs("list_B3")
-    module = TrajectoryMSE(reduction="none", backend="torch")
-    torch.testing.assert_close(module(*args), trajectory_mse(*args, reduction="none"), rtol=1e-13, atol=0)
+    module = TrajectoryMSE(reduction="none", batched=True, backend="torch")
+    torch.testing.assert_close(module(*args), trajectory_mse(*args, reduction="none", batched=True), rtol=1e-13, atol=0)
     assert "reduction='none'" in repr(module)
     with pytest.raises(ValueError, match="reduction"):
         TrajectoryMSE(reduction="max")
@@ -288,7 +290,7 @@ def test_functional_call_parameters_train():
     target = [p.detach() - 0.1 for p in params.values()]
     out = torch.func.functional_call(model, params, (torch.randn(2, 1, 7, 7),))
     assert out.shape == (2, 3)
-    loss = trajectory_mse(list(params.values()), start, target, batched=False)
+    loss = trajectory_mse(list(params.values()), start, target)  # a list is one trajectory by default
     loss.backward()
     torch.testing.assert_close(loss, torch.tensor(0.25), rtol=1e-5, atol=0)
     assert all(p.grad is not None and p.grad.shape == p.shape for p in params.values())
@@ -314,7 +316,7 @@ def test_bad_inputs_are_named(case):
     make, error, message = BAD_INPUTS[case]
     student, start, target = make_inputs("list_B3", requires_grad=(False, False, False))
     with pytest.raises(error, match=message):
-        trajectory_mse(*make(student, start, target))
+        trajectory_mse(*make(student, start, target), batched=True)
 
 
 def test_bad_tensor_forms_and_options():
@@ -332,7 +334,7 @@ def test_bad_tensor_forms_and_options():
         trajectory_mse(y, y, y, reduction="max")
     with pytest.raises(ValueError, match="backend must be 'auto' or one of"):
         trajectory_mse(y, y, y, backend="fast")
-    with pytest.raises(TypeError, match="batched must be True or False"):
+    with pytest.raises(TypeError, match="batched must be None, True or False"):
         trajectory_mse(y, y, y, batched=1)
     with pytest.raises(RuntimeError, match="backend='cuda' cannot run here"):
         trajectory_mse(y, y + 1, y, backend="cuda")
@@ -353,7 +355,7 @@ def test_torch_compile_fullgraph():
     student, start, target = make_inputs("list_B3", dtype=torch.float32, requires_grad=(True, False, False))
 
     def step(student, start, target):
-        return 10 * trajectory_mse(student, start, target, reduction="mean", backend=name)
+        return 10 * trajectory_mse(student, start, target, reduction="mean", batched=True, backend=name)
 
     eager = torch.autograd.grad(step(student, start, target), student)
     compiled = torch.compile(step, fullgraph=True)

@@ -21,8 +21,7 @@ TRITON_MAX_DIM = 1024  # the Triton kernels hold whole rows of D on chip
 REGISTRY = Registry("infonce", preference={"cuda": ("triton", "torch"), "cpu": ("cpu", "torch")})
 REGISTRY.add(Backend("reference", runs_on=lambda device: True))
 REGISTRY.add(Backend("torch", runs_on=lambda device: True))
-REGISTRY.add(Backend("cpu", runs_on=lambda device: device == "cpu",
-                     missing=lambda: None if _extension.load("infonce_cpu") else _extension.load_error("infonce_cpu")))
+REGISTRY.add(Backend("cpu", runs_on=lambda device: device == "cpu", missing=lambda: _extension.missing("infonce_cpu")))
 REGISTRY.add(Backend("triton", runs_on=triton_runs_on, missing=triton_missing))
 
 _MODULES = {"torch": "streaming", "cpu": "cpu", "triton": "triton"}

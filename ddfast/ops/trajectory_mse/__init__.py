@@ -37,14 +37,16 @@ REGISTRY.add(Backend("cuda", runs_on=lambda device_type: device_type == "cuda", 
 _MODULES = {"torch": "streaming", "cpu": "cpu", "triton": "triton", "cuda": "cuda"}
 
 
-def trajectory_mse(student, start, target, *, reduction: str = "mean", batched: bool = True, backend: str = "auto") -> Tensor:
+def trajectory_mse(student, start, target, *, reduction: str = "mean", batched: bool | None = None,
+                   backend: str = "auto") -> Tensor:
     """Normalised distance of each student trajectory to its target.
 
     Args:
-        student, start, target: each a (B, P) tensor, a (P,) tensor (one trajectory), or a list of
-            per-parameter tensors of shape (B, *param_shape); with ``batched=False`` each is one
-            trajectory: a tensor or a list of tensors of any shapes. float32 / float64 / bfloat16 /
-            float16, one dtype and device for all; the three match tensor by tensor.
+        student, start, target: each a (B, P) tensor, a (P,) tensor (one trajectory), or a list of the
+            per-parameter tensors of one trajectory (any shapes). ``batched=True`` reads a list as
+            per-parameter tensors of shape (B, *param_shape) for B trajectories; ``batched=False``
+            reads any tensor or list as one trajectory. float32 / float64 / bfloat16 / float16, one
+            dtype and device for all; the three match tensor by tensor.
         reduction: ``"mean"`` or ``"sum"`` over the B trajectories, or ``"none"`` for a (B,) tensor.
         backend: ``"auto"`` or one of ``REGISTRY.names()``.
 
@@ -68,7 +70,7 @@ def trajectory_mse(student, start, target, *, reduction: str = "mean", batched: 
 class TrajectoryMSE(nn.Module):
     """``nn.Module`` twin of :func:`trajectory_mse`: ``TrajectoryMSE(reduction=...)(student, start, target)``."""
 
-    def __init__(self, *, reduction: str = "mean", batched: bool = True, backend: str = "auto"):
+    def __init__(self, *, reduction: str = "mean", batched: bool | None = None, backend: str = "auto"):
         super().__init__()
         self.reduction = _checks.reduction(reduction)
         self.batched = batched

@@ -1,14 +1,14 @@
 """The argument forms of ``trajectory_mse``, checked against each other.
 
-``batched=True`` (the default):
-- a tensor is ``(B, P)``: B trajectories of P parameters each, or ``(P,)``: one trajectory;
-- a list (or tuple) holds per-parameter tensors of shape ``(B, *param_shape)``, the leading
-  dimension shared: a ``(B, P)`` tensor split into parameters (e.g. stacked ``functional_call``
-  parameters of B students).
+``batched=None`` (the default): a tensor is ``(B, P)``, B trajectories of P parameters each, or
+``(P,)``, one trajectory; a list (or tuple) holds the per-parameter tensors of one trajectory, of
+any shapes (``list(model.parameters())``, the values of ``functional_call``'s dict).
 
-``batched=False``: each argument is one trajectory (B = 1): a tensor of any shape (a flattened
-parameter vector) or a list of tensors of any shapes (``list(model.parameters())``, the values of
-``functional_call``'s dict).
+``batched=True``: as above for tensors, but a list holds per-parameter tensors of shape
+``(B, *param_shape)``, the leading dimension shared: a ``(B, P)`` tensor split into parameters
+(e.g. the stacked parameters of B students).
+
+``batched=False``: each argument is one trajectory (B = 1), a tensor or list of any shapes.
 
 ``student``, ``start`` and ``target`` must have the same form, dtype and device, and match tensor by
 tensor in shape. The kernels get three lists of contiguous tensors (a non-contiguous one is copied,
@@ -29,10 +29,10 @@ def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def as_lists(student, start, target, *, batched: bool = True) -> tuple[list[torch.Tensor], list[torch.Tensor], list[torch.Tensor], int]:
+def as_lists(student, start, target, *, batched: bool | None = None) -> tuple[list[torch.Tensor], list[torch.Tensor], list[torch.Tensor], int]:
     """Check the three arguments; return them as lists of contiguous tensors, and B."""
-    if not isinstance(batched, bool):
-        raise TypeError(f"batched must be True or False, got {type(batched).__name__}")
+    if batched is not None and not isinstance(batched, bool):
+        raise TypeError(f"batched must be None, True or False, got {type(batched).__name__}")
     forms = {name: isinstance(value, (list, tuple)) for name, value in zip(NAMES, (student, start, target))}
     lists = [_as_list(name, value) for name, value in zip(NAMES, (student, start, target))]
     if len(set(forms.values())) > 1:
@@ -77,14 +77,14 @@ def _check_like(name: str, tensors: list, student: list, is_list: bool) -> None:
                              "student, start and target must match tensor by tensor")
 
 
-def _trajectories(student: list[torch.Tensor], is_list: bool, batched: bool) -> int:
+def _trajectories(student: list[torch.Tensor], is_list: bool, batched: bool | None) -> int:
     """B, the number of trajectories, from the student's shapes."""
-    if not batched:
+    if batched is False or (batched is None and is_list):
         return 1
     if not is_list:
         x = student[0]
         if x.dim() not in (1, 2):
-            raise ValueError(f"student must have shape (B, P) or (P,) with batched=True, got {tuple(x.shape)} (pass batched=False for one trajectory of any shape)")
+            raise ValueError(f"student must have shape (B, P) or (P,), got {tuple(x.shape)} (pass batched=False for one trajectory of any shape)")
         trajectories = x.shape[0] if x.dim() == 2 else 1
     else:
         for index, x in enumerate(student):

@@ -13,7 +13,7 @@ from ddfast import _checks
 from ddfast.ops.trajectory_mse.inputs import as_lists, rows
 
 
-def trajectory_mse(student, start, target, *, reduction: str = "mean", batched: bool = True) -> torch.Tensor:
+def trajectory_mse(student, start, target, *, reduction: str = "mean", batched: bool | None = None) -> torch.Tensor:
     """The normalised distance per trajectory, reduced; argument forms as in :mod:`.inputs`."""
     _checks.reduction(reduction)
     return reduce(per_trajectory(*as_lists(student, start, target, batched=batched)), reduction)
