@@ -2,27 +2,23 @@
 
 ``run`` measures it in this process: a warm-up forward+backward (compilation, extension loading),
 then for the forward (autograd recording, as in training) and for forward+backward: peak memory
-of one call, then the time. ``isolated`` runs it in a fresh process
-(``python -m benchmarks.case '<case as JSON>'``), as the CPU's resident-memory figure needs, under
-a memory cap and a time limit; running out of either is a result, not a crash.
+of one call, then the time. ``isolated`` runs it in a fresh process, as the CPU's resident-memory
+figure needs, under a memory cap and a time limit; running out of either is a result, not a crash.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
+import multiprocessing
 import os
 import resource
-import subprocess
-import sys
+import signal
+import tempfile
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 
 from . import harness, ops
-
-ROOT = Path(__file__).resolve().parents[1]
 
 OK, OUT_OF_MEMORY, TIMEOUT, ERROR, SKIPPED = "ok", "out of memory", "timeout", "error", "skipped"
 
@@ -65,34 +61,42 @@ def run(case: Case) -> dict:
 
 
 def isolated(case: Case, timeout_s: float, memory_cap_bytes: int | None) -> dict:
-    """``run(case)`` in a fresh Python process, its data segment capped at ``memory_cap_bytes``."""
-    command = [sys.executable, "-m", "benchmarks.case", json.dumps(dataclasses.asdict(case))]
+    """``run(case)`` in a fresh process, its data segment capped at ``memory_cap_bytes``.
+
+    Processes are forked from a server that has imported torch and the benchmark modules but run
+    nothing (``multiprocessing``'s forkserver), so that a case does not pay torch's import.
+    """
+    context = multiprocessing.get_context("forkserver")
+    context.set_forkserver_preload(["benchmarks.case", *(f"benchmarks.{op}" for op in ops.OPS)])
+    receive, send = context.Pipe(duplex=False)
+    with tempfile.NamedTemporaryFile("r", prefix="ddfast-bench-", suffix=".log") as log:
+        process = context.Process(target=_child, args=(case, memory_cap_bytes, send, log.name), daemon=True)
+        process.start()
+        send.close()
+        try:
+            if receive.poll(timeout_s):
+                return receive.recv()
+            process.kill()
+            return result(case, TIMEOUT, f"over the {timeout_s:g} s limit per case")
+        except EOFError:  # the process died without an answer
+            process.join()
+            if process.exitcode == -signal.SIGKILL:
+                return result(case, OUT_OF_MEMORY, "killed by SIGKILL (the system's out-of-memory killer?)")
+            last = log.read().strip().splitlines() or [f"exit code {process.exitcode}"]
+            return result(case, ERROR, last[-1][:300])
+        finally:
+            process.join()
+            receive.close()
+
+
+def _child(case: Case, memory_cap_bytes: int | None, send, log_path: str) -> None:
+    with open(log_path, "w") as log:  # the case's own output (warnings) stays out of the table
+        os.dup2(log.fileno(), 1)
+        os.dup2(log.fileno(), 2)
     if memory_cap_bytes:
-        command.append(str(memory_cap_bytes))
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
-    try:
-        done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout_s)
-    except subprocess.TimeoutExpired:
-        return result(case, TIMEOUT, f"over the {timeout_s:g} s limit per case")
-    if done.returncode == 0:
-        return json.loads(done.stdout.strip().splitlines()[-1])
-    if done.returncode == -9:
-        return result(case, OUT_OF_MEMORY, "killed by SIGKILL (the system's out-of-memory killer?)")
-    last_lines = done.stderr.strip().splitlines() or [f"exit status {done.returncode}"]
-    return result(case, ERROR, last_lines[-1][:300])
+        resource.setrlimit(resource.RLIMIT_DATA, (memory_cap_bytes, memory_cap_bytes))
+    send.send(run(case))
 
 
 def _first_line(exc: BaseException) -> str:
     return (str(exc).strip().splitlines() or [""])[0][:300]
-
-
-def main(argv: list[str]) -> None:
-    case = Case(**json.loads(argv[0]))
-    if len(argv) > 1:
-        cap = int(argv[1])
-        resource.setrlimit(resource.RLIMIT_DATA, (cap, cap))
-    print(json.dumps(run(case)))
-
-
-if __name__ == "__main__":
-    main(sys.argv[1:])

@@ -25,7 +25,7 @@ from types import ModuleType
 
 import torch
 
-OPS = ("infonce",)
+OPS = ("infonce", "trajectory_mse")
 COMPILED = "compiled"
 PHASES = ("forward", "forward_backward")
 

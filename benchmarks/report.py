@@ -15,6 +15,7 @@ from .case import OK
 
 UNITS = {"flop": ("TFLOP/s", 1e12, "matmul_tflops", "% matmul"), "byte": ("GB/s", 1e9, "bandwidth_gbs", "% bandwidth")}
 MIB = 1 << 20
+MARKERS = "os^Dv*"
 LEGEND = ("ddfast's backends by name (reference: the plain-torch formula; torch: streaming in pure torch; cpu: compiled "
           f"C++; triton, cuda: GPU kernels); {ops.COMPILED}: the reference under torch.compile; peers: other libraries' "
           "implementations, where installed")
@@ -159,24 +160,35 @@ def plot(doc: dict, op_name: str, axis: str, path_stem: Path) -> list[Path]:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.lines import Line2D
 
     written = []
     results = [r for r in doc["results"] if r["op"] == op_name]
     device_name = doc["hardware"].get("gpu") or f"{doc['hardware']['cpu']}, {doc['hardware']['cpu_count']} CPUs"
     for dtype in dict.fromkeys(r["dtype"] for r in results):
         lines = _lines([r for r in results if r["dtype"] == dtype], axis)
-        fixed = {shape for _, shape, _, _ in lines}
-        fig, (time_ax, mem_ax) = plt.subplots(1, 2, figsize=(11, 4.2))
-        for impl, shape, points, failed in lines:
-            label = (impl if len(fixed) == 1 else f"{impl} ({shape})") + failed
-            x = [p[0] for p in points]
-            time_ax.plot(x, [p[1] for p in points], marker="o", label=label)
-            mem_ax.plot(x, [p[2] for p in points], marker="o", label=label)
+        if not any(times for _, _, times, _, _ in lines):
+            continue
+        impls = list(dict.fromkeys(impl for impl, *_ in lines))
+        series = list(dict.fromkeys(shape for _, shape, *_ in lines))
+        fig, (time_ax, mem_ax) = plt.subplots(1, 2, figsize=(11, 4.5))
+        for impl, shape, times, memory, _ in lines:
+            style = {"color": f"C{impls.index(impl) % 10}", "marker": MARKERS[series.index(shape) % len(MARKERS)]}
+            for ax, points in ((time_ax, times), (mem_ax, memory)):
+                if points:
+                    ax.plot(*zip(*points), **style)
+        failures = {impl: failed for impl, *_, failed in lines if failed}
+        handles = [Line2D([], [], color=f"C{i % 10}", label=impl + failures.get(impl, "")) for i, impl in enumerate(impls)]
+        if len(series) > 1:
+            handles += [Line2D([], [], color="k", linestyle="none", marker=MARKERS[i % len(MARKERS)], label=shape)
+                        for i, shape in enumerate(series)]
         for ax, ylabel in ((time_ax, "forward+backward time (ms)"), (mem_ax, "forward+backward peak memory (MiB)")):
-            ax.set(xscale="log", yscale="log", xlabel=axis, ylabel=ylabel)
+            ax.set(xlabel=axis, ylabel=ylabel)
+            if ax.has_data():
+                ax.set(xscale="log", yscale="log")
             ax.grid(True, which="both", alpha=0.3)
-        time_ax.legend(fontsize=8)
-        fig.suptitle(f"{op_name} {fixed.pop() if len(fixed) == 1 else ''}, {dtype}, {device_name}")
+        time_ax.legend(handles=handles, fontsize=8)
+        fig.suptitle(", ".join([op_name + (f" {series[0]}" if len(series) == 1 else ""), dtype, device_name]))
         fig.tight_layout()
         path = path_stem.with_name(f"{path_stem.name}-{op_name}-{dtype}.png")
         fig.savefig(path, dpi=110)
@@ -185,16 +197,17 @@ def plot(doc: dict, op_name: str, axis: str, path_stem: Path) -> list[Path]:
     return written
 
 
-def _lines(results: list[dict], axis: str) -> list[tuple[str, str, list, str]]:
-    """Per implementation and values of the other shape fields: (impl, those fields, [(x, ms, MiB)],
-    a note on the first failure)."""
+def _lines(results: list[dict], axis: str) -> list[tuple[str, str, list, list, str]]:
+    """Per implementation and values of the other shape fields: (impl, those fields, [(x, ms)],
+    [(x, MiB)] where above zero, a note on the first failure)."""
     groups: dict[tuple[str, str], list[dict]] = {}
     for r in results:
         groups.setdefault((r["impl"], _shape({k: v for k, v in r["shape"].items() if k != axis})), []).append(r)
     lines = []
     for (impl, shape), rs in groups.items():
-        points = [(r["shape"][axis], r["forward_backward"]["median_ms"], (r["forward_backward"]["peak_bytes"] or 0) / MIB)
-                  for r in rs if r["status"] == OK]
+        ok = [(r["shape"][axis], r["forward_backward"]) for r in rs if r["status"] == OK]
+        times = [(x, f["median_ms"]) for x, f in ok]
+        memory = [(x, f["peak_bytes"] / MIB) for x, f in ok if f["peak_bytes"]]
         failed = next((f", {r['status']} at {axis}={r['shape'][axis]}" for r in rs if r["status"] != OK), "")
-        lines.append((impl, shape, points, failed))
+        lines.append((impl, shape, times, memory, failed))
     return lines

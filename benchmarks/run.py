@@ -17,14 +17,15 @@ import time
 from pathlib import Path
 
 if __package__ in (None, ""):  # run as ``python benchmarks/run.py``: import from this checkout
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # noqa: E402 (before the imports below)
 
 import torch
 from tqdm import tqdm
 
 from benchmarks import case, device as machine, harness, ops, report
 
-RESULTS = Path(__file__).resolve().parent / "results"
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "benchmarks" / "results"
 CASE_TIMEOUT_S = {"tiny": 120, "default": 120, "full": 1800}
 EXAMPLES = """examples:
   python benchmarks/run.py                       every operation, default preset (within 5 minutes on 2 CPU cores)
@@ -112,7 +113,7 @@ def main(argv: list[str] | None = None) -> int:
                      "memory_cap_bytes": memory_cap if device.type == "cpu" else None, **harness.describe(device)},
         "hardware": {**machine.hardware(device), "load_average_start": os.getloadavg()},
         "software": machine.software(),
-        "git": machine.git(case.ROOT),
+        "git": machine.git(ROOT),
         "not_run": {},
         "results": [],
     }
