@@ -2,7 +2,7 @@
 
 ``run`` measures it in this process: a warm-up forward+backward (compilation, extension loading),
 then for the forward (autograd recording, as in training) and for forward+backward: peak memory
-of one call, then the time. ``isolated`` runs it in a fresh process, as the CPU's resident-memory
+and time (``harness.measure``). ``isolated`` runs it in a fresh process, as the CPU's resident-memory
 figure needs, under a memory cap and a time limit; running out of either is a result, not a crash.
 """
 
@@ -49,9 +49,7 @@ def run(case: Case) -> dict:
         calls = ops.calls(impl, op.inputs(case.shape, dtype, device))
         calls["forward_backward"]()  # warm-up: compilation, extension loading, lazy initialisation
         harness.synchronize(device)
-        # memory first: one call each, then the timed calls
-        figures = {phase: {"peak_bytes": harness.peak_bytes(fn, device), **harness.time_ms(fn, device)}
-                   for phase, fn in calls.items()}
+        figures = {phase: harness.measure(fn, device) for phase, fn in calls.items()}
         return result(case, OK, **figures)
     except Exception as exc:  # a failing implementation is a result; the sweep goes on
         # the CPU allocator raises a plain RuntimeError under the memory cap

@@ -22,9 +22,9 @@ CPU_TIME = ("median wall-clock time (time.perf_counter) of repeated calls after 
             "calls and {min_time} s (20th and 80th percentiles in the JSON and CSV)")
 CUDA_TIME = ("median of triton.testing.do_bench (CUDA events, L2 cache flushed, about {min_time} s of calls; 20th and "
              "80th percentiles in the JSON and CSV)")
-CPU_MEMORY = ("peak resident set size (VmHWM) during the call minus the resident set size right before it, in a fresh "
-              "process per case after the inputs are built and one warm-up call; before the call glibc's free heap is "
-              "returned to the system (malloc_trim) and VmHWM is reset (/proc/self/clear_refs)")
+CPU_MEMORY = ("peak resident set size (VmHWM) during the first timed call minus the resident set size right before it, "
+              "in a fresh process per case after the inputs are built and one warm-up call; before that call glibc's free "
+              "heap is returned to the system (malloc_trim) and VmHWM is reset (/proc/self/clear_refs)")
 CUDA_MEMORY = "torch.cuda.max_memory_allocated during the call minus torch.cuda.memory_allocated before it (inputs excluded)"
 
 MIN_REPS = 3
@@ -33,7 +33,7 @@ MAX_REPS = 100
 
 
 def describe(device: torch.device) -> dict[str, str]:
-    """What ``time_ms`` and ``peak_bytes`` measure on ``device``, for the report."""
+    """What ``measure`` reports for ``device``, in words for the report."""
     if device.type == "cuda":
         return {"time": CUDA_TIME.format(min_time=MIN_TIME_S), "memory": CUDA_MEMORY}
     return {"time": CPU_TIME.format(min_reps=MIN_REPS, min_time=MIN_TIME_S), "memory": CPU_MEMORY}
@@ -44,20 +44,35 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def time_ms(fn: Callable[[], object], device: torch.device) -> dict[str, float]:
-    """Median, 20th and 80th percentile of ``fn``'s duration in milliseconds, and the number of calls."""
+def measure(fn: Callable[[], object], device: torch.device) -> dict:
+    """``peak_bytes`` of one call and ``time_ms`` of repeated calls; on the CPU the call measured for
+    memory is also the first timed call."""
+    if device.type == "cuda":
+        return {"peak_bytes": peak_bytes(fn, device), **time_ms(fn, device)}
+    first: list[float] = []
+    peak = peak_bytes(lambda: first.append(_wall_ms(fn)), device)
+    return {"peak_bytes": peak, **time_ms(fn, device, first)}
+
+
+def time_ms(fn: Callable[[], object], device: torch.device, samples: list[float] | None = None) -> dict:
+    """Median, 20th and 80th percentile of ``fn``'s duration in milliseconds, and the number of calls
+    (CPU: counting the earlier ``samples``)."""
     if device.type == "cuda":
         import triton.testing
 
         median, p20, p80 = triton.testing.do_bench(fn, rep=int(MIN_TIME_S * 1000), quantiles=[0.5, 0.2, 0.8])
         return {"median_ms": median, "p20_ms": p20, "p80_ms": p80, "reps": None}
-    samples: list[float] = []
+    samples = list(samples or [])
     while len(samples) < MIN_REPS or (sum(samples) < MIN_TIME_S * 1000 and len(samples) < MAX_REPS):
-        start = time.perf_counter()
-        fn()
-        samples.append((time.perf_counter() - start) * 1000)
+        samples.append(_wall_ms(fn))
     p20, _, _, p80 = statistics.quantiles(samples, n=5, method="inclusive")
     return {"median_ms": statistics.median(samples), "p20_ms": p20, "p80_ms": p80, "reps": len(samples)}
+
+
+def _wall_ms(fn: Callable[[], object]) -> float:
+    start = time.perf_counter()
+    fn()
+    return (time.perf_counter() - start) * 1000
 
 
 def peak_bytes(fn: Callable[[], object], device: torch.device) -> int | None:

@@ -67,4 +67,4 @@ def _supcon():
     return supcon
 
 
-PEERS = {"pml-supcon": Peer("pytorch_metric_learning", "pytorch-metric-learning", _supcon)}
+PEERS = {"pml-supcon": Peer(_supcon, "pytorch_metric_learning", "pytorch-metric-learning")}

@@ -7,7 +7,7 @@ Each operation has a module ``benchmarks/<op>.py`` (named in ``OPS``) that defin
 - ``AXIS``: the shape field swept (e.g. ``"M"``); ``PRESETS``: ``{(device_type, preset): [shape, ...]}``
   with shapes as dicts of ints, presets ``tiny``, ``default`` and ``full``.
 - ``inputs(shape, dtype, device) -> Inputs``; ``work(shape, dtype) -> Work``.
-- ``PEERS``: ``{name: Peer}``, other libraries a user would otherwise pick.
+- ``PEERS``: ``{name: Peer}``, what a user would otherwise run (other libraries, authors' code).
 - ``CHECKS``: acceptance checks (``Check``) evaluated on the results.
 
 Implementations of an operation: every ddfast backend (by its registry name), ``compiled`` (the
@@ -25,7 +25,7 @@ from types import ModuleType
 
 import torch
 
-OPS = ("infonce", "trajectory_mse")
+OPS = ("infonce", "cmi", "trajectory_mse")
 COMPILED = "compiled"
 PHASES = ("forward", "forward_backward")
 
@@ -51,11 +51,12 @@ class Work:
 
 @dataclass(frozen=True)
 class Peer:
-    """Another library's implementation: ``make()`` imports ``package`` and returns the callable."""
+    """Code a user would otherwise run: ``make()`` imports ``package`` (``None``: nothing to install)
+    and returns the callable."""
 
-    package: str
-    install: str
     make: Callable[[], Callable]
+    package: str | None = None
+    install: str | None = None
 
 
 @dataclass(frozen=True)
@@ -89,7 +90,8 @@ def problems(op: ModuleType, device: torch.device, dtype: torch.dtype) -> dict[s
         found[name] = problem
     found[COMPILED] = None
     for name, peer in op.PEERS.items():
-        found[name] = None if importlib.util.find_spec(peer.package) else f"{peer.install} is not installed"
+        installed = peer.package is None or importlib.util.find_spec(peer.package) is not None
+        found[name] = None if installed else f"{peer.install} is not installed"
     return found
 
 
