@@ -1,9 +1,10 @@
 """Benchmark ddfast's operations against the plain-torch reference, torch.compile and peer libraries.
 
 Every case (operation, shape, dtype, implementation) is timed (forward, forward+backward) and its peak
-memory measured; CPU cases run one fresh process each. Results go to
+memory measured; CPU cases run one fresh process each, CUDA cases in this process. Results go to
 ``<out>/<device>-<date>.{json,csv}`` (rewritten after every case) and ``<out>/<device>-<date>-<op>-<dtype>.png``;
-the table goes to stdout.
+the table goes to stdout, a line per case to stderr. A case that fails, runs out of memory or over
+its time is recorded as such; Ctrl-C stops the run and keeps what was measured.
 """
 
 from __future__ import annotations
@@ -40,19 +41,29 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--ops", default=",".join(ops.OPS), help=f"comma-separated operations (default: {','.join(ops.OPS)})")
     p.add_argument("--preset", choices=["tiny", "default", "full"], default="default", help="sizes (default: default)")
     p.add_argument("--full", dest="preset", action="store_const", const="full", help="same as --preset full")
-    p.add_argument("--sizes", help="comma-separated values of each operation's swept dimension, replacing the preset's "
-                                   "(infonce: M, the keys), other dimensions from the preset's first shape")
+    axes = ", ".join(f"{name}: {ops.load(name).AXIS}" for name in ops.OPS)
+    p.add_argument("--sizes", help=f"comma-separated values of each operation's swept dimension ({axes}), replacing the "
+                                   "preset's shapes; the other dimensions are those of the preset's first shape")
     p.add_argument("--dtypes", default="float32", help="comma-separated torch dtypes (default: float32)")
+    peers = ", ".join(name for op in ops.OPS for name in ops.load(op).PEERS)
     p.add_argument("--impls", help="comma-separated implementations (default: every one that runs here): ddfast backend "
                                    "names (reference, torch, cpu, triton, cuda), 'compiled' (the reference under "
-                                   "torch.compile), peers (pml-supcon)")
+                                   f"torch.compile), peers ({peers})")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu or cuda (default: cuda if present)")
     p.add_argument("--out", type=Path, default=RESULTS, help=f"results folder (default: {RESULTS})")
     p.add_argument("--case-timeout", type=float, help="seconds per CPU case before it is stopped and recorded as a timeout "
                                                       f"(default by preset: {CASE_TIMEOUT_S})")
-    p.add_argument("--memory-cap", type=float, help="GiB a CPU case may allocate before it is recorded as out of memory "
-                                                    "(default: 80%% of the memory available at start)")
-    return p.parse_args(argv)
+    p.add_argument("--memory-cap", type=float, help="GiB of data segment a CPU case process may reach (torch itself takes "
+                                                    "about 1) before it is recorded as out of memory (default: 80%% of the "
+                                                    "memory available at start)")
+    args = p.parse_args(argv)
+    for name in args.ops.split(","):
+        if name not in ops.OPS:
+            p.error(f"unknown operation {name!r}: choose from {', '.join(ops.OPS)}")
+    for name in args.dtypes.split(","):
+        if not isinstance(getattr(torch, name, None), torch.dtype):
+            p.error(f"unknown dtype {name!r}: e.g. float32, bfloat16, float16, float64")
+    return args
 
 
 def available_memory_bytes() -> int | None:
@@ -117,6 +128,10 @@ def main(argv: list[str] | None = None) -> int:
         "not_run": {},
         "results": [],
     }
+    load, cpus = os.getloadavg()[0], os.cpu_count() or 1
+    if load > cpus / 2:
+        print(f"warning: this machine is busy (load average {load:.1f} on {cpus} CPUs): times will be noisy, "
+              "memory figures are not affected", file=sys.stderr)
     print(f"measuring this device's matmul rate and memory bandwidth ({device}) ...", file=sys.stderr)
     doc["rates"] = machine.rates(device, dtypes)
     cases = plan(args, device, doc)

@@ -8,7 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from benchmarks import ops
+from benchmarks import case, ops
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -35,3 +35,22 @@ def test_run_writes_table_json_csv_and_plots(tmp_path):
     for op in ops.OPS:
         [png] = tmp_path.glob(f"*-{op}-float32.png")
         assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_out_of_memory_and_failures_are_results(monkeypatch):
+    def allocator_fails(*args, **kwargs):
+        raise RuntimeError("[enforce fail at alloc_cpu.cpp:127] DefaultCPUAllocator: can't allocate memory: you tried to allocate 8 GB")
+
+    def breaks(*args, **kwargs):
+        raise ValueError("a bug")
+
+    c = case.Case("infonce", "reference", {"N": 4, "M": 8, "D": 2}, "float32", "cpu")
+    monkeypatch.setattr(ops, "implementation", lambda op, name: allocator_fails)
+    assert case.run(c)["status"] == case.OUT_OF_MEMORY
+    monkeypatch.setattr(ops, "implementation", lambda op, name: breaks)
+    assert (case.run(c)["status"], case.run(c)["note"]) == (case.ERROR, "ValueError: a bug")
+
+
+def test_a_case_over_its_time_is_stopped_and_recorded():
+    c = case.Case("infonce", "reference", {"N": 64, "M": 1024, "D": 32}, "float32", "cpu")
+    assert case.isolated(c, timeout_s=0.01, memory_cap_bytes=None)["status"] == case.TIMEOUT
