@@ -1,8 +1,9 @@
 """pytest-benchmark suite: ``python -m pytest benchmarks --benchmark-only`` (kept out of the default run).
 
 Each ``test_bench_<op>.py`` names its ``OP`` (the ``benchmarks.<op>`` module) and ``SHAPES`` per device
-type; its tests take the ``run_case`` fixture, which is parametrised over every implementation of
-``OP`` (skipped, with the reason, where one cannot run here).
+type; its test takes the ``run_case`` fixture, parametrised over the phases (forward,
+forward+backward) and every implementation of ``OP`` (skipped, with the reason, where one cannot
+run here).
 """
 
 import pytest
@@ -19,14 +20,15 @@ def pytest_generate_tests(metafunc):
         problems = ops.problems(metafunc.module.OP, DEVICE, torch.float32)
         metafunc.parametrize("impl", [pytest.param(name, marks=[pytest.mark.skip(reason=why)] if why else [])
                                       for name, why in problems.items()])
+        metafunc.parametrize("phase", ops.PHASES)
 
 
 @pytest.fixture
-def run_case(benchmark, request, impl):
-    """``run_case(phase)`` benchmarks ``phase`` of ``impl`` at the module's shape for this device, float32."""
+def run_case(benchmark, request, impl, phase):
+    """``run_case()`` benchmarks ``phase`` of ``impl`` at the module's shape for this device, float32."""
     op, shape = request.module.OP, request.module.SHAPES[DEVICE.type]
 
-    def run(phase: str) -> None:
+    def run() -> None:
         fn = ops.calls(ops.implementation(op, impl), op.inputs(shape, torch.float32, DEVICE))[phase]
 
         def call():
