@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import multiprocessing
 import os
+import re
 import resource
 import signal
 import tempfile
@@ -54,7 +55,8 @@ def run(case: Case) -> dict:
     except Exception as exc:  # a failing implementation is a result; the sweep goes on
         # the CPU allocator raises a plain RuntimeError under the memory cap
         if isinstance(exc, (torch.cuda.OutOfMemoryError, MemoryError)) or "can't allocate memory" in str(exc):
-            return result(case, OUT_OF_MEMORY, _first_line(exc))
+            request = re.search(r"tried to allocate [\d.]+ ?\w*", str(exc), re.IGNORECASE)
+            return result(case, OUT_OF_MEMORY, request.group(0).strip() if request else _first_line(exc))
         return result(case, ERROR, f"{type(exc).__name__}: {_first_line(exc)}")
 
 

@@ -5,7 +5,8 @@ Each operation has a module ``benchmarks/<op>.py`` (named in ``OPS``) that defin
 - ``FUNCTION``: ddfast's public function (takes ``backend=``); ``REGISTRY``: its backend registry;
   ``REFERENCE``: the plain-torch formula, called with the same arguments as ``FUNCTION``.
 - ``AXIS``: the shape field swept (e.g. ``"M"``); ``PRESETS``: ``{(device_type, preset): [shape, ...]}``
-  with shapes as dicts of ints, presets ``tiny``, ``default`` and ``full``.
+  with shapes as dicts (dimension sizes, and e.g. a layout name), presets ``tiny``, ``default``, ``full``;
+  the shapes that differ only in ``AXIS`` form one series (a line in the plots).
 - ``inputs(shape, dtype, device) -> Inputs``; ``work(shape, dtype) -> Work``.
 - ``PEERS``: ``{name: Peer}``, what a user would otherwise run (other libraries, authors' code).
 - ``CHECKS``: acceptance checks (``Check``) evaluated on the results.

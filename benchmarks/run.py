@@ -109,14 +109,9 @@ def summary(r: dict) -> str:
     return f"fwd {r['forward']['median_ms']:.3g} ms, fwd+bwd {both['median_ms']:.3g} ms{peak}"
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = parse(argv)
-    device = torch.device(args.device)
-    dtypes = [getattr(torch, d) for d in args.dtypes.split(",")]
-    args.out.mkdir(parents=True, exist_ok=True)
-    stem = args.out / f"{machine.slug(device)}-{datetime.date.today().isoformat()}"
-    memory_cap = int(args.memory_cap * (1 << 30)) if args.memory_cap else int(0.8 * (available_memory_bytes() or 0)) or None
-    doc = {
+def describe(args: argparse.Namespace, argv: list[str] | None, device: torch.device, memory_cap: int | None) -> dict:
+    """The run's document before any case: command, settings, hardware, software, commit."""
+    return {
         "created": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
         "command": " ".join(["python benchmarks/run.py", *(argv if argv is not None else sys.argv[1:])]),
         "settings": {"preset": args.preset, "ops": args.ops, "dtypes": args.dtypes, "sizes": args.sizes, "impls": args.impls,
@@ -128,43 +123,62 @@ def main(argv: list[str] | None = None) -> int:
         "not_run": {},
         "results": [],
     }
+
+
+def run_cases(cases: list[case.Case], args: argparse.Namespace, memory_cap: int | None, doc: dict, save) -> None:
+    """Measures ``cases`` in order into ``doc["results"]``, calling ``save()`` after each. Once an
+    implementation runs out of memory or time, its larger sizes in the same series are skipped."""
+    failed: dict[tuple, dict] = {}  # (op, dtype, impl, other dimensions) -> its first result out of memory or time
+    progress = tqdm(cases, file=sys.stderr, unit="case", dynamic_ncols=True, disable=not sys.stderr.isatty())
+    for c in progress:
+        progress.set_description(c.label())
+        op = ops.load(c.op)
+        series = (c.op, c.dtype, c.impl, *((k, v) for k, v in c.shape.items() if k != op.AXIS))
+        first = failed.get(series)
+        if first and c.shape[op.AXIS] > first["shape"][op.AXIS]:
+            r = case.result(c, case.SKIPPED, f"{first['status']} at {op.AXIS}={first['shape'][op.AXIS]}")
+        else:
+            r = measure(c, args, memory_cap)
+        if r["status"] in (case.OUT_OF_MEMORY, case.TIMEOUT):
+            failed.setdefault(series, r)
+        if r["status"] == case.OK:
+            report.add_throughput(r, op.work(c.shape, getattr(torch, c.dtype)), doc["rates"])
+        doc["results"].append(r)
+        tqdm.write(f"{c.label()}: {summary(r)}", file=sys.stderr)
+        save()
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse(argv)
+    device = torch.device(args.device)
+    op_names = args.ops.split(",")
+    args.out.mkdir(parents=True, exist_ok=True)
+    stem = args.out / f"{machine.slug(device)}-{datetime.date.today().isoformat()}"
+    memory_cap = int(args.memory_cap * (1 << 30)) if args.memory_cap else int(0.8 * (available_memory_bytes() or 0)) or None
+    doc = describe(args, argv, device, memory_cap)
+
+    def save() -> None:
+        report.write_json(doc, stem.with_suffix(".json"))
+        report.write_csv(doc, stem.with_suffix(".csv"))
+
     load, cpus = os.getloadavg()[0], os.cpu_count() or 1
     if load > cpus / 2:
         print(f"warning: this machine is busy (load average {load:.1f} on {cpus} CPUs): times will be noisy, "
               "memory figures are not affected", file=sys.stderr)
     print(f"measuring this device's matmul rate and memory bandwidth ({device}) ...", file=sys.stderr)
-    doc["rates"] = machine.rates(device, dtypes)
+    doc["rates"] = machine.rates(device, [getattr(torch, d) for d in args.dtypes.split(",")])
     cases = plan(args, device, doc)
-    failed: dict[tuple, dict] = {}  # (op, dtype, impl) -> first result out of memory or time
     started = time.perf_counter()
     try:
-        progress = tqdm(cases, file=sys.stderr, unit="case", dynamic_ncols=True, disable=not sys.stderr.isatty())
-        for c in progress:
-            progress.set_description(c.label())
-            axis = ops.load(c.op).AXIS
-            first = failed.get((c.op, c.dtype, c.impl))
-            if first and c.shape[axis] > first["shape"][axis]:
-                r = case.result(c, case.SKIPPED, f"{first['status']} at {axis}={first['shape'][axis]}")
-            else:
-                r = measure(c, args, memory_cap)
-            if r["status"] in (case.OUT_OF_MEMORY, case.TIMEOUT):
-                failed.setdefault((c.op, c.dtype, c.impl), r)
-            if r["status"] == case.OK:
-                report.add_throughput(r, ops.load(c.op).work(c.shape, getattr(torch, c.dtype)), doc["rates"])
-            doc["results"].append(r)
-            tqdm.write(f"{c.label()}: {summary(r)}", file=sys.stderr)
-            report.write_json(doc, stem.with_suffix(".json"))
-            report.write_csv(doc, stem.with_suffix(".csv"))
+        run_cases(cases, args, memory_cap, doc, save)
     except KeyboardInterrupt:
         doc["interrupted"] = True
         print("interrupted: writing the results gathered so far", file=sys.stderr)
     doc["elapsed_s"] = round(time.perf_counter() - started, 1)
     doc["hardware"]["load_average_end"] = os.getloadavg()
-    doc["checks"] = [entry for op_name in args.ops.split(",")
-                     for entry in report.checks(doc["results"], device.type, op_name, ops.load(op_name).CHECKS)]
-    report.write_json(doc, stem.with_suffix(".json"))
-    report.write_csv(doc, stem.with_suffix(".csv"))
-    plots = [path for op_name in args.ops.split(",") for path in report.plot(doc, op_name, ops.load(op_name).AXIS, stem)]
+    doc["checks"] = [entry for name in op_names for entry in report.checks(doc["results"], device.type, name, ops.load(name).CHECKS)]
+    save()
+    plots = [path for name in op_names for path in report.plot(doc, name, ops.load(name).AXIS, stem)]
     print(report.table(doc))
     print("wrote " + ", ".join(str(p) for p in [stem.with_suffix(".json"), stem.with_suffix(".csv"), *plots]), file=sys.stderr)
     return 130 if doc.get("interrupted") else 0
