@@ -1,0 +1,56 @@
+"""Smoke test of ``python benchmarks/run.py``: a tiny run of every operation writes its table, JSON,
+CSV and plots."""
+
+import csv
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from benchmarks import case, ops
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_run_writes_table_json_csv_and_plots(tmp_path):
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    done = subprocess.run([sys.executable, "benchmarks/run.py", "--device", "cpu", "--preset", "tiny", "--sizes", "256",
+                           "--impls", "reference,cpu,triton", "--out", str(tmp_path)],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert "| N=64 M=256 D=32 | float32 | reference |" in done.stdout
+    assert "Not run for infonce: triton" in done.stdout
+    [json_path] = tmp_path.glob("*.json")
+    doc = json.loads(json_path.read_text())
+    expected = [(op, impl) for op in ops.OPS for impl in ("reference", "cpu")]
+    assert [(r["op"], r["impl"]) for r in doc["results"]] == expected
+    for r in doc["results"]:
+        assert r["status"] == "ok", r
+        assert r["forward_backward"]["median_ms"] > 0 and r["forward_backward"]["peak_bytes"] is not None
+        assert r["forward_backward"]["throughput"] > 0
+    assert doc["git"]["commit"] and doc["software"]["torch"] and doc["hardware"]["cpu_count"]
+    with json_path.with_suffix(".csv").open() as f:
+        assert [(row["op"], row["impl"]) for row in csv.DictReader(f)] == expected
+    for op in ops.OPS:
+        [png] = tmp_path.glob(f"*-{op}-float32.png")
+        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_out_of_memory_and_failures_are_results(monkeypatch):
+    def allocator_fails(*args, **kwargs):
+        raise RuntimeError("[enforce fail at alloc_cpu.cpp:127] DefaultCPUAllocator: can't allocate memory: you tried to allocate 8 GB")
+
+    def breaks(*args, **kwargs):
+        raise ValueError("a bug")
+
+    c = case.Case("infonce", "reference", {"N": 4, "M": 8, "D": 2}, "float32", "cpu")
+    monkeypatch.setattr(ops, "implementation", lambda op, name: allocator_fails)
+    assert case.run(c)["status"] == case.OUT_OF_MEMORY
+    monkeypatch.setattr(ops, "implementation", lambda op, name: breaks)
+    assert (case.run(c)["status"], case.run(c)["note"]) == (case.ERROR, "ValueError: a bug")
+
+
+def test_a_case_over_its_time_is_stopped_and_recorded():
+    c = case.Case("infonce", "reference", {"N": 64, "M": 1024, "D": 32}, "float32", "cpu")
+    assert case.isolated(c, timeout_s=0.01, memory_cap_bytes=None)["status"] == case.TIMEOUT
