@@ -54,4 +54,4 @@ def tiny_config(method: str = "dm", **changes) -> DistillConfig:
 
 
 def tiny_pretrain() -> PretrainSpec:
-    return PretrainSpec(model=TINY_MODEL, pool=2, epochs=1, train_per_class=20)
+    return PretrainSpec(model=TINY_MODEL, pool=2, epochs=3, batch_size=32, train_per_class=30)

@@ -1,0 +1,20 @@
+import json
+
+from ddfast.distill import sweep
+from loops_support import mnist_root, one_thread, tiny_config  # noqa: F401  (one_thread: autouse)
+
+
+def test_sweep_chooses_on_validation_and_tests_only_the_winner(tmp_path):
+    mnist_root()
+    config = tiny_config("dm", iterations=2, select_every=0)
+    summary = sweep(config, "image_lr", ["0.001", "1.0"], tmp_path, quiet=True)
+    candidates = summary["candidates"]
+    assert [c["value"] for c in candidates] == ["0.001", "1.0"]
+    assert summary["chosen"] == max(candidates, key=lambda c: c["val_accuracy"])
+    saved = json.loads((tmp_path / "sweep.json").read_text())
+    assert saved["chosen"]["value"] == summary["chosen"]["value"]
+    for c in candidates:
+        results = json.loads((tmp_path / f"image_lr={c['value']}" / "results.json").read_text())
+        assert results["settings"]["image_lr"] == float(c["value"])
+        assert ("evaluation" in results) == (c is summary["chosen"])  # the test set is used once
+    assert len(summary["evaluation"]["synthetic"]["test"]) == len(summary["evaluation"]["random_real"]["test"]) == 2
