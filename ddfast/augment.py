@@ -106,7 +106,7 @@ class DSA:
         if draw.operation == "color":
             return _color(x, v["brightness"], v["saturation"], v["contrast"])
         if draw.operation == "crop":
-            return _translate(x, v["dy"], v["dx"])
+            return _translate(x, v["dy"], v["dx"], pad=int(max(draw.values["dy"].abs().max(), draw.values["dx"].abs().max())))
         if draw.operation == "cutout":
             return _cutout(x, v["top"], v["left"], v["ky"], v["kx"])
         if draw.operation == "flip":
@@ -126,10 +126,9 @@ def _color(x, brightness, saturation, contrast):
     return (x - mean) * contrast.to(x.dtype).view(-1, 1, 1, 1) + mean
 
 
-def _translate(x, dy, dx):
-    """Shift sample i by (dy_i, dx_i) pixels, filling with zeros."""
+def _translate(x, dy, dx, pad: int):
+    """Shift sample i by (dy_i, dx_i) pixels (|shifts| <= pad), filling with zeros."""
     n, _, h, w = x.shape
-    pad = int(max(dy.abs().max(), dx.abs().max()))
     padded = F.pad(x, (pad, pad, pad, pad))
     rows = torch.arange(h, device=x.device).view(1, h) + pad - dy.view(n, 1)
     cols = torch.arange(w, device=x.device).view(1, w) + pad - dx.view(n, 1)

@@ -64,7 +64,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--epochs", type=int, help="training epochs per network")
     p.add_argument("--lrs", help="candidate learning rates, comma separated, chosen on the validation split")
     p.add_argument("--dsa", choices=("on", "off"), help="augment evaluation training with DSA")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, help="seed of the networks and the random-real subset (default: the run's)")
     p.add_argument("--out", help="JSON file for the results (default: evaluation.json beside the synthetic set)")
     p.set_defaults(command=_evaluate, name="evaluate")
     return parser
@@ -146,7 +146,8 @@ def _evaluate(args) -> int:
         if value is not None:
             config = override(config, f"evaluation.{key}", value)
     data = load_data(config, args.data_root, args.download).to(resolve_device(args.device))
-    evaluation = evaluate_with_baseline(saved["images"], saved["labels"], data, config.evaluation, seed=args.seed, lr=saved.get("eval_lr"))
+    seed = config.seed if args.seed is None else args.seed
+    evaluation = evaluate_with_baseline(saved["images"], saved["labels"], data, config.evaluation, seed=seed, lr=saved.get("eval_lr"))
     out = Path(args.out) if args.out else Path(args.synthetic).with_name("evaluation.json")
     checkpoint.save_json({"synthetic": str(args.synthetic), "protocol": to_dict(config.evaluation), "evaluation": evaluation}, out)
     _report(evaluation, out)

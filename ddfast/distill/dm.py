@@ -27,7 +27,7 @@ class DM(Method):
     def preset(cls, name: str, dataset: str, ipc: int) -> dict[str, Any]:
         if name == "upstream":
             return {"iterations": 20000, "image_lr": 1.0, "image_momentum": 0.5, "real_per_class": 256, "dsa": True}
-        return {"iterations": 200, "image_lr": 1.0, "image_momentum": 0.5, "real_per_class": 64, "dsa": True}
+        return {"iterations": 100, "image_lr": 1.0, "image_momentum": 0.5, "real_per_class": 64, "dsa": True}
 
     def step(self, iteration: int) -> dict[str, float]:
         ctx, config = self.ctx, self.ctx.config

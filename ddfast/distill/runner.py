@@ -8,6 +8,7 @@ set chosen on the validation split), ``synthetic.png`` and ``results.json``.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import platform
@@ -81,28 +82,24 @@ def run(
     ``restart`` ignores an existing checkpoint. ``stop_after`` stops (checkpointed) once that many
     iterations are done, as a kill would. ``final=False`` skips the test-set evaluation (sweeps).
     """
-    started = time.perf_counter()
+    session: dict[str, dict[str, float]] = {}  # this call's timings; distill / select accumulate in progress
     out = Path(out_dir)
     device = resolve_device(device)
     log = _logger(quiet)
     method_cls = method_class(config.method)
-    seconds: dict[str, float] = {}
-
-    tick = time.perf_counter()
-    data = load_data(config, data_root, download).to(device)
-    seconds["data"] = time.perf_counter() - tick
+    with timed(session, "data"):
+        data = load_data(config, data_root, download).to(device)
 
     regularizer = None
     if config.cmi is not None:
-        tick = time.perf_counter()
-        regularizer = CMIRegularizer(pretrain(config, data, cache_dir=cache_dir, quiet=quiet), config.cmi, data.info.num_classes)
-        seconds["pretrain"] = time.perf_counter() - tick
+        with timed(session, "pretrain"):
+            regularizer = CMIRegularizer(pretrain(config, data, cache_dir=cache_dir, quiet=quiet), config.cmi, data.info.num_classes)
 
     generator = torch.Generator().manual_seed(derive_seed(config.seed, "init"))
     synthetic = SyntheticSet.initial(data, config.ipc, config.init, generator)
     method = method_cls(Context(config, data, synthetic, RealSampler(data), regularizer))
     settings = to_dict(config)
-    progress = {"iteration": 0, "history": [], "selection": [], "best": None, "seconds": {"distill": 0.0, "select": 0.0}}
+    progress = {"iteration": 0, "history": [], "selection": [], "best": None, "seconds": {}}
 
     state = None if restart else checkpoint.load(out / CHECKPOINT)
     if state is not None:
@@ -123,21 +120,18 @@ def run(
     with bar:
         while progress["iteration"] < config.iterations:
             iteration = progress["iteration"]
-            tick = time.perf_counter()
-            with seeded(derive_seed(config.seed, "iteration", iteration), device):
+            with timed(progress["seconds"], "distill"), seeded(derive_seed(config.seed, "iteration", iteration), device):
                 logs = method.step(iteration)
             if not math.isfinite(logs["loss"]):
                 raise FloatingPointError(f"loss became {logs['loss']} at iteration {iteration}; {out / CHECKPOINT} holds the last good state")
-            progress["seconds"]["distill"] += time.perf_counter() - tick
             progress["history"].append(logs)
             progress["iteration"] = done = iteration + 1
             bar.update(1)
             bar.set_postfix({k: f"{v:.4g}" for k, v in logs.items()})
             selected = done == config.iterations or (config.select_every and done % config.select_every == 0)
             if selected:
-                tick = time.perf_counter()
-                _select(progress, synthetic, method, data, config)
-                progress["seconds"]["select"] += time.perf_counter() - tick
+                with timed(progress["seconds"], "select"):
+                    _select(progress, synthetic, method, data, config)
                 log(f"iteration {done}: validation accuracy {progress['selection'][-1]['val_accuracy']:.4f}")
             stopping = stop_after is not None and done >= stop_after
             if selected or stopping or done % config.checkpoint_every == 0 or time.perf_counter() - last_save > CHECKPOINT_SECONDS:
@@ -161,16 +155,27 @@ def run(
     save_synthetic(out / "synthetic.pt", images, synthetic.labels, data.info, settings, iteration=best["iteration"], eval_lr=best["eval_lr"])
     save_grid(out / "synthetic.png", images, data.info, per_row=config.ipc)
     if final:
-        tick = time.perf_counter()
-        results["evaluation"] = evaluate_with_baseline(images, synthetic.labels, data, config.evaluation, seed=config.seed, lr=best["eval_lr"])
-        seconds["evaluate"] = time.perf_counter() - tick
+        with timed(session, "evaluate"):
+            results["evaluation"] = evaluate_with_baseline(images, synthetic.labels, data, config.evaluation, seed=config.seed, lr=best["eval_lr"])
         ev = results["evaluation"]
         log(f"test accuracy: distilled {100 * ev['synthetic']['test_mean']:.2f} +- {100 * ev['synthetic']['test_std']:.2f}, "
             f"random real {100 * ev['random_real']['test_mean']:.2f} +- {100 * ev['random_real']['test_std']:.2f} "
             f"(improvement {100 * ev['improvement']:+.2f} points)")
-    results["seconds"] = {**seconds, **progress["seconds"], "this_session": time.perf_counter() - started}
+    results["seconds"] = {**session, **progress["seconds"]}
     checkpoint.save_json(results, out / "results.json")
     return results
+
+
+@contextlib.contextmanager
+def timed(record: dict, name: str):
+    """Add the block's wall-clock and process CPU time (all threads) to ``record[name]``, in seconds."""
+    wall, cpu = time.perf_counter(), time.process_time()
+    try:
+        yield
+    finally:
+        entry = record.setdefault(name, {"wall": 0.0, "cpu": 0.0})
+        entry["wall"] += time.perf_counter() - wall
+        entry["cpu"] += time.process_time() - cpu
 
 
 def _select(progress: dict, synthetic: SyntheticSet, method, data: RealData, config: DistillConfig) -> None:

@@ -16,6 +16,7 @@ def sweep(config: DistillConfig, path: str, values, out_dir: str | os.PathLike, 
 
     Candidates are compared by the validation accuracy of their chosen checkpoint; only the winner
     is evaluated on the test set (with the random-real baseline). Writes ``out_dir/sweep.json``.
+    ``run_options`` go to ``run`` (``restart`` restarts the candidates, not the winner's final evaluation).
     """
     values = list(values)
     if not values:
@@ -28,7 +29,7 @@ def sweep(config: DistillConfig, path: str, values, out_dir: str | os.PathLike, 
         result = run(candidate, folder, final=False, **run_options)
         candidates.append({"value": value, "val_accuracy": result["chosen_val_accuracy"], "chosen_iteration": result["chosen_iteration"], "out": str(folder)})
     best = max(candidates, key=lambda c: c["val_accuracy"])
-    final = run(override(config, path, best["value"]), best["out"], **run_options)
+    final = run(override(config, path, best["value"]), best["out"], **{**run_options, "restart": False})  # resumes at its end
     summary = {"path": path, "candidates": candidates, "chosen": best, "evaluation": final["evaluation"], "seconds": final["seconds"]}
     checkpoint.save_json(summary, out / "sweep.json")
     return summary
