@@ -89,7 +89,6 @@ def run(
     method_cls = method_class(config.method)
     with timed(session, "data"):
         data = load_data(config, data_root, download).to(device)
-
     regularizer = None
     if config.cmi is not None:
         with timed(session, "pretrain"):
@@ -100,7 +99,6 @@ def run(
     method = method_cls(Context(config, data, synthetic, RealSampler(data), regularizer))
     settings = to_dict(config)
     progress = {"iteration": 0, "history": [], "selection": [], "best": None, "seconds": {}}
-
     state = None if restart else checkpoint.load(out / CHECKPOINT)
     if state is not None:
         _check_resumable(state, settings, out / CHECKPOINT)
@@ -114,33 +112,13 @@ def run(
         checkpoint.save({"format": FORMAT, "settings": settings, "images": synthetic.images.detach().cpu(),
                          "method": method.state_dict(), "progress": progress}, out / CHECKPOINT)
 
-    bar = tqdm(total=config.iterations, initial=progress["iteration"], desc=f"{config.method} {config.dataset} ipc {config.ipc}",
-               disable=quiet or not sys.stderr.isatty(), dynamic_ncols=True)
-    last_save = time.perf_counter()
-    with bar:
-        while progress["iteration"] < config.iterations:
-            iteration = progress["iteration"]
-            with timed(progress["seconds"], "distill"), seeded(derive_seed(config.seed, "iteration", iteration), device):
-                logs = method.step(iteration)
-            if not math.isfinite(logs["loss"]):
-                raise FloatingPointError(f"loss became {logs['loss']} at iteration {iteration}; {out / CHECKPOINT} holds the last good state")
-            progress["history"].append(logs)
-            progress["iteration"] = done = iteration + 1
-            bar.update(1)
-            bar.set_postfix({k: f"{v:.4g}" for k, v in logs.items()})
-            selected = done == config.iterations or (config.select_every and done % config.select_every == 0)
-            if selected:
-                with timed(progress["seconds"], "select"):
-                    _select(progress, synthetic, method, data, config)
-                log(f"iteration {done}: validation accuracy {progress['selection'][-1]['val_accuracy']:.4f}")
-            stopping = stop_after is not None and done >= stop_after
-            if selected or stopping or done % config.checkpoint_every == 0 or time.perf_counter() - last_save > CHECKPOINT_SECONDS:
-                save_checkpoint()
-                last_save = time.perf_counter()
-            if stopping and done < config.iterations:
-                return {"status": "stopped", "iteration": done, "checkpoint": str(out / CHECKPOINT)}
+    if not _iterate(config, method, data, progress, save_checkpoint, stop_after, log, quiet):
+        return {"status": "stopped", "iteration": progress["iteration"], "checkpoint": str(out / CHECKPOINT)}
 
     best = progress["best"]
+    images = best["images"].to(device)
+    save_synthetic(out / "synthetic.pt", images, synthetic.labels, data.info, settings, iteration=best["iteration"], eval_lr=best["eval_lr"])
+    save_grid(out / "synthetic.png", images, data.info, per_row=config.ipc)
     results = {
         "status": "done",
         "settings": settings,
@@ -151,19 +129,45 @@ def run(
         "chosen_iteration": best["iteration"],
         "chosen_val_accuracy": best["val_accuracy"],
     }
-    images = best["images"].to(device)
-    save_synthetic(out / "synthetic.pt", images, synthetic.labels, data.info, settings, iteration=best["iteration"], eval_lr=best["eval_lr"])
-    save_grid(out / "synthetic.png", images, data.info, per_row=config.ipc)
     if final:
         with timed(session, "evaluate"):
-            results["evaluation"] = evaluate_with_baseline(images, synthetic.labels, data, config.evaluation, seed=config.seed, lr=best["eval_lr"])
-        ev = results["evaluation"]
+            results["evaluation"] = ev = evaluate_with_baseline(images, synthetic.labels, data, config.evaluation, seed=config.seed, lr=best["eval_lr"])
         log(f"test accuracy: distilled {100 * ev['synthetic']['test_mean']:.2f} +- {100 * ev['synthetic']['test_std']:.2f}, "
             f"random real {100 * ev['random_real']['test_mean']:.2f} +- {100 * ev['random_real']['test_std']:.2f} "
             f"(improvement {100 * ev['improvement']:+.2f} points)")
     results["seconds"] = {**session, **progress["seconds"]}
     checkpoint.save_json(results, out / "results.json")
     return results
+
+
+def _iterate(config: DistillConfig, method, data: RealData, progress: dict, save_checkpoint, stop_after, log, quiet: bool) -> bool:
+    """Run the remaining iterations with validation and checkpoints; False when stopped by ``stop_after``."""
+    bar = tqdm(total=config.iterations, initial=progress["iteration"], desc=f"{config.method} {config.dataset} ipc {config.ipc}",
+               disable=quiet or not sys.stderr.isatty(), dynamic_ncols=True)
+    last_save = time.perf_counter()
+    with bar:
+        while progress["iteration"] < config.iterations:
+            iteration = progress["iteration"]
+            with timed(progress["seconds"], "distill"), seeded(derive_seed(config.seed, "iteration", iteration), data.train.images.device):
+                logs = method.step(iteration)
+            if not math.isfinite(logs["loss"]):
+                raise FloatingPointError(f"loss became {logs['loss']} at iteration {iteration}; the last checkpoint holds the last good state")
+            progress["history"].append(logs)
+            progress["iteration"] = done = iteration + 1
+            bar.update(1)
+            bar.set_postfix({k: f"{v:.4g}" for k, v in logs.items()})
+            selected = done == config.iterations or (config.select_every and done % config.select_every == 0)
+            if selected:
+                with timed(progress["seconds"], "select"):
+                    _select(progress, method, data, config)
+                log(f"iteration {done}: validation accuracy {progress['selection'][-1]['val_accuracy']:.4f}")
+            stopping = stop_after is not None and done >= stop_after
+            if selected or stopping or done % config.checkpoint_every == 0 or time.perf_counter() - last_save > CHECKPOINT_SECONDS:
+                save_checkpoint()
+                last_save = time.perf_counter()
+            if stopping and done < config.iterations:
+                return False
+    return True
 
 
 @contextlib.contextmanager
@@ -178,8 +182,9 @@ def timed(record: dict, name: str):
         entry["cpu"] += time.process_time() - cpu
 
 
-def _select(progress: dict, synthetic: SyntheticSet, method, data: RealData, config: DistillConfig) -> None:
+def _select(progress: dict, method, data: RealData, config: DistillConfig) -> None:
     """Validate the current synthetic set; keep it as the best if its validation accuracy is the highest so far."""
+    synthetic = method.ctx.synthetic
     eval_lr = method.eval_lr()
     accuracy = evaluate(synthetic.images, synthetic.labels, data, config.evaluation, seed=config.seed, lr=eval_lr, test=False, models=config.select_models)
     record = {"iteration": progress["iteration"], "val_accuracy": accuracy.val_mean, "lr": accuracy.lr}
@@ -206,8 +211,16 @@ def _differences(old, new, prefix=""):
 
 
 def _environment(device: torch.device) -> dict:
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or platform.machine()
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else _cpu_name()
     return {"torch": torch.__version__, "device": str(device), "device_name": name, "threads": torch.get_num_threads(), "cpus": os.cpu_count()}
+
+
+def _cpu_name() -> str:
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    return platform.processor() or platform.machine()
 
 
 def _logger(quiet: bool):
