@@ -21,6 +21,7 @@ from torch import nn
 from .augment import DSA
 from .data import RealData, Split, random_per_class
 from .models import ModelSpec
+from .progress import bar
 from .seeding import derive_seed, seeded
 
 
@@ -128,40 +129,42 @@ def evaluate(
     lr: float | None = None,
     test: bool = True,
     models: int | None = None,
+    progress: bool = False,
 ) -> Accuracy:
     """Train ``protocol.models`` (or ``models``) fresh networks on (images, labels); validation and test accuracy.
 
     ``lr`` fixes the learning rate (e.g. one learned by MTT) instead of choosing among ``protocol.lrs``.
     ``test=False`` measures the validation split only (for choices during distillation).
     Network k is initialised and shuffled with a seed derived from (seed, k), whatever the images.
+    ``progress`` shows a bar over the networks' epochs (on a terminal).
     """
     device = data.train.images.device
     images, labels = images.detach().to(device), labels.to(device)
     dsa = DSA() if protocol.dsa else None
     info = data.info
 
+    search_lrs = protocol.lrs if lr is None and len(protocol.lrs) > 1 else ()
+    count = models or protocol.models
+    progress_bar = bar((len(search_lrs) + count) * protocol.epochs, "evaluating", enabled=progress, leave=False)
+
     def train(k: int, rate: float, purpose: str) -> nn.Module:
         with seeded(derive_seed(seed, purpose, k), device):
             model = protocol.model.build(info.channels, info.num_classes, info.image_size).to(device)
             return train_network(
                 model, images, labels, epochs=protocol.epochs, lr=rate, batch_size=protocol.batch_size,
-                momentum=protocol.momentum, weight_decay=protocol.weight_decay, dsa=dsa,
+                momentum=protocol.momentum, weight_decay=protocol.weight_decay, dsa=dsa, on_epoch=lambda *_: progress_bar.update(1),
             )
 
-    search: dict[str, float] = {}
-    if lr is None:
-        if len(protocol.lrs) > 1:
-            for rate in protocol.lrs:
-                search[repr(rate)] = accuracy(train(0, rate, "lr-search"), data.val)
-            lr = float(max(protocol.lrs, key=lambda r: search[repr(r)]))
-        else:
-            lr = protocol.lrs[0]
-    result = Accuracy(lr=lr, val=[], test=[], lr_search=search)
-    for k in range(models or protocol.models):
-        model = train(k, lr, "eval")
-        result.val.append(accuracy(model, data.val))
-        if test:
-            result.test.append(accuracy(model, data.test))
+    with progress_bar:
+        search = {repr(rate): accuracy(train(0, rate, "lr-search"), data.val) for rate in search_lrs}
+        if lr is None:
+            lr = float(max(search_lrs, key=lambda r: search[repr(r)])) if search_lrs else protocol.lrs[0]
+        result = Accuracy(lr=lr, val=[], test=[], lr_search=search)
+        for k in range(count):
+            model = train(k, lr, "eval")
+            result.val.append(accuracy(model, data.val))
+            if test:
+                result.test.append(accuracy(model, data.test))
     return result
 
 
@@ -173,7 +176,8 @@ def random_real(data: RealData, per_class: int, seed: int) -> Split:
 
 
 def evaluate_with_baseline(
-    images: torch.Tensor, labels: torch.Tensor, data: RealData, protocol: EvalProtocol, *, seed: int = 0, lr: float | None = None
+    images: torch.Tensor, labels: torch.Tensor, data: RealData, protocol: EvalProtocol, *, seed: int = 0, lr: float | None = None,
+    progress: bool = False,
 ) -> dict:
     """Evaluate a synthetic set and, identically, a random real subset of the same size per class.
 
@@ -183,9 +187,9 @@ def evaluate_with_baseline(
     counts = torch.bincount(labels.cpu(), minlength=data.info.num_classes)
     if int(counts.min()) != int(counts.max()):
         raise ValueError(f"labels must have the same number of images per class for the baseline, got counts {counts.tolist()}")
-    synthetic = evaluate(images, labels, data, protocol, seed=seed, lr=lr)
+    synthetic = evaluate(images, labels, data, protocol, seed=seed, lr=lr, progress=progress)
     baseline_set = random_real(data, int(counts[0]), seed)
-    baseline = evaluate(baseline_set.images, baseline_set.labels, data, protocol, seed=seed)
+    baseline = evaluate(baseline_set.images, baseline_set.labels, data, protocol, seed=seed, progress=progress)
     return {
         "synthetic": synthetic.summary(),
         "random_real": baseline.summary(),

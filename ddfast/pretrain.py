@@ -19,6 +19,7 @@ from . import checkpoint
 from .data import RealData, random_per_class
 from .evaluate import accuracy, train_network
 from .models import ModelSpec
+from .progress import bar, logger
 from .seeding import derive_seed, seeded
 from .settings import to_dict
 
@@ -50,12 +51,14 @@ def cache_dir(path: str | os.PathLike | None = None) -> Path:
 
 
 def pretrained_pool(
-    spec: PretrainSpec, data: RealData, data_key: dict, *, seed: int = 0, cache: str | os.PathLike | None = None, log=print
+    spec: PretrainSpec, data: RealData, data_key: dict, *, seed: int = 0, cache: str | os.PathLike | None = None, quiet: bool = False
 ) -> list[nn.Module]:
     """``spec.pool`` frozen networks (eval mode, on the data's device) trained on ``data.train``.
 
     ``data_key`` names the data they are trained on (dataset and split settings) for the cache key.
+    Messages and a progress bar go to stderr unless ``quiet``.
     """
+    log = logger(quiet)
     device = data.train.images.device
     folder = cache_dir(cache) / "pretrained"
     training = {**to_dict(spec), "pool": None}
@@ -71,8 +74,10 @@ def pretrained_pool(
                 if spec.train_per_class is not None:
                     generator = torch.Generator().manual_seed(derive_seed(key, "subset"))
                     train = train.subset(random_per_class(train.labels, data.info.num_classes, spec.train_per_class, generator).to(device))
-                train_network(model, train.images, train.labels, epochs=spec.epochs, lr=spec.lr, batch_size=spec.batch_size,
-                              momentum=spec.momentum, weight_decay=spec.weight_decay, decay_at_half=False)
+                with bar(spec.epochs, f"pre-training {k + 1}/{spec.pool}", enabled=not quiet, leave=False) as progress:
+                    train_network(model, train.images, train.labels, epochs=spec.epochs, lr=spec.lr, batch_size=spec.batch_size,
+                                  momentum=spec.momentum, weight_decay=spec.weight_decay, decay_at_half=False,
+                                  on_epoch=lambda *_: progress.update(1))
             state = {"state_dict": model.state_dict(), "settings": training, "data": data_key, "val_accuracy": accuracy(model, data.val)}
             checkpoint.save(state, path)
             log(f"pretrained network {k + 1}/{spec.pool}: validation accuracy {state['val_accuracy']:.4f}, cached at {path}")

@@ -12,17 +12,15 @@ import contextlib
 import math
 import os
 import platform
-import sys
 import time
 from pathlib import Path
 
 import torch
-from tqdm.auto import tqdm
-
 from .. import checkpoint
 from ..data import RealData, load
 from ..evaluate import evaluate, evaluate_with_baseline
 from ..pretrain import pretrained_pool
+from ..progress import bar, logger
 from ..seeding import derive_seed, seeded
 from ..settings import to_dict
 from .cmi import CMIRegularizer
@@ -61,7 +59,7 @@ def pretrain(config: DistillConfig, data: RealData, *, cache_dir: str | os.PathL
     """The CMI regulariser's pool of pre-trained networks for ``config`` (trained once, then cached)."""
     if config.cmi is None:
         raise ValueError("the settings have no CMI regulariser (cmi is None), so there is no pool to pre-train")
-    return pretrained_pool(config.cmi.pretrain, data, data_key(config), cache=cache_dir, log=_logger(quiet))
+    return pretrained_pool(config.cmi.pretrain, data, data_key(config), cache=cache_dir, quiet=quiet)
 
 
 def run(
@@ -85,7 +83,7 @@ def run(
     session: dict[str, dict[str, float]] = {}  # this call's timings; distill / select accumulate in progress
     out = Path(out_dir)
     device = resolve_device(device)
-    log = _logger(quiet)
+    log = logger(quiet)
     method_cls = method_class(config.method)
     with timed(session, "data"):
         data = load_data(config, data_root, download).to(device)
@@ -131,7 +129,8 @@ def run(
     }
     if final:
         with timed(session, "evaluate"):
-            results["evaluation"] = ev = evaluate_with_baseline(images, synthetic.labels, data, config.evaluation, seed=config.seed, lr=best["eval_lr"])
+            results["evaluation"] = ev = evaluate_with_baseline(images, synthetic.labels, data, config.evaluation, seed=config.seed,
+                                                                lr=best["eval_lr"], progress=not quiet)
         log(f"test accuracy: distilled {100 * ev['synthetic']['test_mean']:.2f} +- {100 * ev['synthetic']['test_std']:.2f}, "
             f"random real {100 * ev['random_real']['test_mean']:.2f} +- {100 * ev['random_real']['test_std']:.2f} "
             f"(improvement {100 * ev['improvement']:+.2f} points)")
@@ -142,10 +141,8 @@ def run(
 
 def _iterate(config: DistillConfig, method, data: RealData, progress: dict, save_checkpoint, stop_after, log, quiet: bool) -> bool:
     """Run the remaining iterations with validation and checkpoints; False when stopped by ``stop_after``."""
-    bar = tqdm(total=config.iterations, initial=progress["iteration"], desc=f"{config.method} {config.dataset} ipc {config.ipc}",
-               disable=quiet or not sys.stderr.isatty(), dynamic_ncols=True)
     last_save = time.perf_counter()
-    with bar:
+    with bar(config.iterations, f"{config.method} {config.dataset} ipc {config.ipc}", enabled=not quiet, initial=progress["iteration"]) as progress_bar:
         while progress["iteration"] < config.iterations:
             iteration = progress["iteration"]
             with timed(progress["seconds"], "distill"), seeded(derive_seed(config.seed, "iteration", iteration), data.train.images.device):
@@ -154,12 +151,12 @@ def _iterate(config: DistillConfig, method, data: RealData, progress: dict, save
                 raise FloatingPointError(f"loss became {logs['loss']} at iteration {iteration}; the last checkpoint holds the last good state")
             progress["history"].append(logs)
             progress["iteration"] = done = iteration + 1
-            bar.update(1)
-            bar.set_postfix({k: f"{v:.4g}" for k, v in logs.items()})
+            progress_bar.update(1)
+            progress_bar.set_postfix({k: f"{v:.4g}" for k, v in logs.items()})
             selected = done == config.iterations or (config.select_every and done % config.select_every == 0)
             if selected:
                 with timed(progress["seconds"], "select"):
-                    _select(progress, method, data, config)
+                    _select(progress, method, data, config, quiet)
                 log(f"iteration {done}: validation accuracy {progress['selection'][-1]['val_accuracy']:.4f}")
             stopping = stop_after is not None and done >= stop_after
             if selected or stopping or done % config.checkpoint_every == 0 or time.perf_counter() - last_save > CHECKPOINT_SECONDS:
@@ -182,11 +179,12 @@ def timed(record: dict, name: str):
         entry["cpu"] += time.process_time() - cpu
 
 
-def _select(progress: dict, method, data: RealData, config: DistillConfig) -> None:
+def _select(progress: dict, method, data: RealData, config: DistillConfig, quiet: bool) -> None:
     """Validate the current synthetic set; keep it as the best if its validation accuracy is the highest so far."""
     synthetic = method.ctx.synthetic
     eval_lr = method.eval_lr()
-    accuracy = evaluate(synthetic.images, synthetic.labels, data, config.evaluation, seed=config.seed, lr=eval_lr, test=False, models=config.select_models)
+    accuracy = evaluate(synthetic.images, synthetic.labels, data, config.evaluation, seed=config.seed, lr=eval_lr, test=False,
+                        models=config.select_models, progress=not quiet)
     record = {"iteration": progress["iteration"], "val_accuracy": accuracy.val_mean, "lr": accuracy.lr}
     progress["selection"].append(record)
     best = progress["best"]
@@ -223,9 +221,3 @@ def _cpu_name() -> str:
     return platform.processor() or platform.machine()
 
 
-def _logger(quiet: bool):
-    def log(message: str) -> None:
-        if not quiet:
-            tqdm.write(f"ddfast: {message}", file=sys.stderr)
-
-    return log
