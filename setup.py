@@ -23,6 +23,7 @@ def _extensions():
 
     from ddfast import _extension
 
+    (ROOT / "ddfast" / "_lib").mkdir(exist_ok=True)
     modules = []
     for source in sorted((ROOT / "csrc").glob("*/*_cpu.cpp")):
         modules.append(cpp_extension.CppExtension(

@@ -124,6 +124,13 @@ def load(name: str):
     return getattr(torch.ops, f"ddfast_{name}")
 
 
+def missing(name: str) -> str | None:
+    """Why extension ``name`` cannot be used here (loading or building it first), or ``None``."""
+    if load(name) is None:
+        return f"its compiled extension {name!r} is unavailable: {load_error(name)}"
+    return None
+
+
 def load_error(name: str) -> str | None:
     """Why ``load(name)`` returned ``None`` (``None`` if it has not failed)."""
     return _errors.get(name)

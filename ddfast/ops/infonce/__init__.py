@@ -1,0 +1,107 @@
+"""InfoNCE over many negatives without materialising the N x M logits.
+
+``infonce`` streams over key tiles with an online logsumexp, saves per-query statistics only and
+recomputes tiles in backward; see ``op.py`` for the operators and ``streaming.py`` for the kernel
+contract every backend follows.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from ... import _checks
+from . import reference
+from .op import REGISTRY
+
+__all__ = ["infonce", "InfoNCE", "REGISTRY"]
+
+
+def infonce(query: Tensor, key: Tensor, query_labels: Tensor | None = None, key_labels: Tensor | None = None, *,
+            temperature: float | Tensor, normalize: bool = True, reduction: str = "mean",
+            symmetric: bool = False, backend: str = "auto") -> Tensor:
+    """InfoNCE / supervised-contrastive loss of queries against keys.
+
+    Args:
+        query: (N, D) float32 / float64 / bfloat16 / float16, e.g. synthetic-sample embeddings.
+        key: (M, D), same dtype and device, e.g. real-sample embeddings (M may be 50K or more).
+        query_labels, key_labels: (N,) and (M,) integer labels, both or neither. With labels, the
+            positives of query i are the keys with its label; without, key i alone (keys beyond N are
+            extra negatives, as in a MoCo queue; needs M >= N).
+        temperature: > 0, a float or a one-element tensor (differentiable when it requires grad).
+        normalize: L2-normalise rows first (cosine similarity).
+        reduction: ``mean`` over the queries that have a positive (0 if none has), ``sum``, or ``none``
+            (N,) with 0 for queries without a positive.
+        symmetric: average the loss of both directions (query->key and key->query), as CLIP does.
+        backend: ``auto``, ``reference`` (plain torch, N x M memory), ``torch`` (streaming, pure torch),
+            ``cpu`` (compiled C++), ``triton`` (CUDA GPUs).
+
+    ``loss_i = logsumexp_j s_ij - mean_{j in P(i)} s_ij`` with ``s_ij = <q_i, k_j> / temperature``.
+    Returns a scalar (or (N,) for ``reduction="none"``) in the inputs' dtype; accumulation is float32
+    (float64 for float64 inputs).
+    """
+    _check(query, key, query_labels, key_labels, temperature, normalize, reduction, symmetric)
+    if backend == "reference":
+        return reference.infonce(query, key, query_labels, key_labels, temperature=temperature,
+                                 normalize=normalize, reduction=reduction, symmetric=symmetric)
+    if not isinstance(temperature, Tensor):
+        temperature = torch.tensor(float(temperature), dtype=torch.float64)
+    loss = _directed(query, key, query_labels, key_labels, temperature, normalize, reduction, backend)
+    if symmetric:
+        loss = 0.5 * (loss + _directed(key, query, key_labels, query_labels, temperature, normalize, reduction, backend))
+    return loss.to(query.dtype)
+
+
+def _directed(query, key, query_labels, key_labels, temperature, normalize, reduction, backend):
+    rows, _, valid = torch.ops.ddfast.infonce_forward(query, key, query_labels, key_labels, temperature, normalize, backend)
+    return reference.reduce_rows(rows, valid, reduction)
+
+
+def _check(query, key, query_labels, key_labels, temperature, normalize, reduction, symmetric) -> None:
+    _checks.tensor("query", query, ndim=2)
+    _checks.tensor("key", key, ndim=2)
+    _checks.same_dtype(query=query, key=key)
+    device = _checks.same_device(query=query, key=key)
+    (n, d), (m, d_key) = query.shape, key.shape
+    if n == 0 or m == 0 or d == 0:
+        raise ValueError(f"query and key must be non-empty, got shapes {tuple(query.shape)} and {tuple(key.shape)}")
+    if d != d_key:
+        raise ValueError(f"query and key must have the same feature dimension, got {d} and {d_key}")
+    if (query_labels is None) != (key_labels is None):
+        raise ValueError("query_labels and key_labels must be given together (labelled positives) or both omitted (index positives)")
+    if query_labels is None:
+        if m < n:
+            raise ValueError(f"without labels query i's positive is key i, so key needs at least N={n} rows, got {m}")
+    else:
+        _checks.labels("query_labels", query_labels, n, device)
+        _checks.labels("key_labels", key_labels, m, device)
+    _checks.positive_scalar("temperature", temperature)
+    if not isinstance(normalize, bool):
+        raise TypeError(f"normalize must be a bool, got {type(normalize).__name__}")
+    _checks.reduction(reduction)
+    if symmetric and reduction == "none":
+        raise ValueError("symmetric=True needs reduction 'mean' or 'sum': the two directions have N and M rows")
+
+
+class InfoNCE(nn.Module):
+    """``nn.Module`` twin of :func:`infonce`; ``learn_temperature=True`` makes it a parameter."""
+
+    def __init__(self, temperature: float = 0.1, *, normalize: bool = True, reduction: str = "mean",
+                 symmetric: bool = False, backend: str = "auto", learn_temperature: bool = False):
+        super().__init__()
+        _checks.positive_scalar("temperature", temperature)
+        value = torch.tensor(float(temperature))
+        if learn_temperature:
+            self.temperature = nn.Parameter(value)
+        else:
+            self.register_buffer("temperature", value)
+        self.normalize, self.reduction, self.symmetric, self.backend = normalize, reduction, symmetric, backend
+
+    def forward(self, query: Tensor, key: Tensor, query_labels: Tensor | None = None,
+                key_labels: Tensor | None = None) -> Tensor:
+        return infonce(query, key, query_labels, key_labels, temperature=self.temperature, normalize=self.normalize,
+                       reduction=self.reduction, symmetric=self.symmetric, backend=self.backend)
+
+    def extra_repr(self) -> str:
+        return (f"temperature={self.temperature.item():g}, normalize={self.normalize}, reduction={self.reduction!r}, "
+                f"symmetric={self.symmetric}, backend={self.backend!r}")

@@ -1,0 +1,142 @@
+"""``trajectory_mse``: the MTT trajectory-matching loss, batched over trajectories and parameter lists.
+
+For each trajectory b: ``||student_b - target_b||^2 / ||start_b - target_b||^2``, the norms over all of
+its parameters. One fused pass reads each input once and accumulates in float32 (float64 for
+float64 inputs) with partial sums of bounded length, so the error does not grow with P. A zero
+denominator raises ``ValueError``. The argument forms are described in :mod:`.inputs`.
+
+Backends: ``reference`` (plain torch, autograd), ``torch`` (streaming, any device), ``cpu``
+(C++), ``triton`` (GPU, or CPU under ``TRITON_INTERPRET=1``), ``cuda`` (CUDA C++, one launch over
+all parameter tensors). All but ``reference`` run as the operators
+``torch.ops.ddfast.trajectory_mse_forward`` / ``_backward``, opaque to ``torch.compile``; they
+resolve ``backend`` themselves.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+import torch
+from torch import Tensor, nn
+
+from ddfast import _checks
+from ddfast._backends import Backend, Registry, triton_missing, triton_runs_on
+from ddfast.ops.trajectory_mse import cpu, cuda, reference
+from ddfast.ops.trajectory_mse.inputs import accumulation_dtype, as_lists
+
+__all__ = ["trajectory_mse", "TrajectoryMSE", "REGISTRY"]
+
+REGISTRY = Registry("trajectory_mse", preference={"cuda": ("cuda", "triton"), "cpu": ("cpu",)})
+REGISTRY.add(Backend("reference", runs_on=lambda device_type: True))
+REGISTRY.add(Backend("torch", runs_on=lambda device_type: True))
+REGISTRY.add(Backend("cpu", runs_on=lambda device_type: device_type == "cpu", missing=cpu.missing))
+REGISTRY.add(Backend("triton", runs_on=triton_runs_on, missing=triton_missing))
+REGISTRY.add(Backend("cuda", runs_on=lambda device_type: device_type == "cuda", missing=cuda.missing))
+
+# the module implementing each operator backend (imported on first use: triton is slow to import)
+_MODULES = {"torch": "streaming", "cpu": "cpu", "triton": "triton", "cuda": "cuda"}
+
+
+def trajectory_mse(student, start, target, *, reduction: str = "mean", batched: bool | None = None,
+                   backend: str = "auto") -> Tensor:
+    """Normalised distance of each student trajectory to its target.
+
+    Args:
+        student, start, target: each a (B, P) tensor, a (P,) tensor (one trajectory), or a list of the
+            per-parameter tensors of one trajectory (any shapes). ``batched=True`` reads a list as
+            per-parameter tensors of shape (B, *param_shape) for B trajectories; ``batched=False``
+            reads any tensor or list as one trajectory. float32 / float64 / bfloat16 / float16, one
+            dtype and device for all; the three match tensor by tensor.
+        reduction: ``"mean"`` or ``"sum"`` over the B trajectories, or ``"none"`` for a (B,) tensor.
+        backend: ``"auto"`` or one of ``REGISTRY.names()``.
+
+    Returns:
+        The loss in the inputs' dtype. Gradients flow to every input that requires one.
+
+    Raises:
+        ValueError: where ``start`` equals ``target`` for some trajectory (zero denominator). The
+            check reads the (B,) denominators: one device synchronisation per forward on a GPU.
+            With ``backend="reference"`` it is a data-dependent branch that ``torch.compile``
+            cannot capture in one graph; the other backends run it inside their operator.
+    """
+    _checks.reduction(reduction)
+    student, start, target, trajectories = as_lists(student, start, target, batched=batched)
+    if backend == "reference":
+        return reference.reduce(reference.per_trajectory(student, start, target, trajectories), reduction)
+    loss, _ = torch.ops.ddfast.trajectory_mse_forward(student, start, target, trajectories, backend)
+    return reference.reduce(loss, reduction).to(student[0].dtype)
+
+
+class TrajectoryMSE(nn.Module):
+    """``nn.Module`` twin of :func:`trajectory_mse`: ``TrajectoryMSE(reduction=...)(student, start, target)``."""
+
+    def __init__(self, *, reduction: str = "mean", batched: bool | None = None, backend: str = "auto"):
+        super().__init__()
+        self.reduction = _checks.reduction(reduction)
+        self.batched = batched
+        self.backend = backend
+
+    def forward(self, student, start, target) -> Tensor:
+        return trajectory_mse(student, start, target, reduction=self.reduction, batched=self.batched, backend=self.backend)
+
+    def extra_repr(self) -> str:
+        return f"reduction={self.reduction!r}, batched={self.batched}, backend={self.backend!r}"
+
+
+def _kernels(backend: str, like: Tensor):
+    """What serves ``forward`` / ``backward`` for ``backend`` (``auto`` resolved) and inputs ``like`` this
+    one: our module, or a compiled extension's operators. Called inside the operators, so that probing
+    backends (building an extension) stays out of what ``torch.compile`` traces."""
+    name = REGISTRY.resolve(backend, like.device, like.dtype)
+    if name == "reference":
+        raise ValueError("backend='reference' is plain torch and does not run through the fused operator")
+    module = importlib.import_module(f"{__name__}.{_MODULES[name]}")
+    return module.operators() if hasattr(module, "operators") else module
+
+
+@torch.library.custom_op("ddfast::trajectory_mse_forward", mutates_args=())
+def _forward(student: list[Tensor], start: list[Tensor], target: list[Tensor], trajectories: int, backend: str) -> tuple[Tensor, Tensor]:
+    """(loss, den) per trajectory, (B,) in the accumulation dtype, from checked lists (see :mod:`.inputs`)."""
+    loss, den = _kernels(backend, student[0]).forward(student, start, target, trajectories)
+    reference.check_denominator(den)
+    return loss, den
+
+
+@_forward.register_fake
+def _forward_fake(student, start, target, trajectories, backend):
+    loss = student[0].new_empty((trajectories,), dtype=accumulation_dtype(student[0].dtype))
+    return loss, torch.empty_like(loss)
+
+
+@torch.library.custom_op("ddfast::trajectory_mse_backward", mutates_args=())
+def _backward(grad: Tensor, loss: Tensor, den: Tensor, student: list[Tensor], start: list[Tensor], target: list[Tensor],
+              needs: list[bool], backend: str) -> list[Tensor]:
+    """The gradients flagged in ``needs`` (3 flags per tensor: student's, start's, target's), in that order."""
+    return _kernels(backend, student[0]).backward(grad.contiguous(), loss, den, student, start, target, needs)
+
+
+@_backward.register_fake
+def _backward_fake(grad, loss, den, student, start, target, needs, backend):
+    return [torch.empty_like(x) for x, need in zip(student + start + target, needs) if need]
+
+
+def _setup_context(ctx, inputs, output):
+    student, start, target, _, backend = inputs
+    loss, den = output
+    ctx.count = len(student)
+    ctx.backend = backend
+    ctx.save_for_backward(loss, den, *student, *start, *target)
+    ctx.mark_non_differentiable(den)
+
+
+def _backward_formula(ctx, grad_loss, grad_den):
+    n = ctx.count
+    loss, den, *tensors = ctx.saved_tensors
+    student, start, target = tensors[:n], tensors[n:2 * n], tensors[2 * n:]
+    needs = [bool(flag) for flags in ctx.needs_input_grad[:3] for flag in flags]
+    grads = iter(_backward(grad_loss, loss, den, student, start, target, needs, ctx.backend))
+    per_input = [[next(grads) if need else None for need in needs[k * n:(k + 1) * n]] for k in range(3)]
+    return *per_input, None, None
+
+
+_forward.register_autograd(_backward_formula, setup_context=_setup_context)
