@@ -9,8 +9,11 @@ from pathlib import Path
 
 
 def main(argv: list[str] | None = None) -> int:
+    from .allocator import keep_freed_memory
+
     parser = _parser()
     args = parser.parse_args(argv)
+    keep_freed_memory()
     try:
         return args.command(args)
     except (ValueError, FileNotFoundError, TypeError) as exc:
