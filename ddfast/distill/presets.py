@@ -47,7 +47,7 @@ def preset(method: str, dataset: str, ipc: int, name: str = "upstream", *, cmi: 
         }
     else:
         common = {
-            "evaluation": EvalProtocol(epochs=300, models=2, dsa=False),
+            "evaluation": EvalProtocol(epochs=150, models=2, dsa=False),
             "val_per_class": 100,
             "select_every": max(1, iterations // 2),
             "checkpoint_every": max(1, iterations // 10),
