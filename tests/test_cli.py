@@ -1,4 +1,4 @@
-"""The command line, run as ``python -m ddfast`` in a subprocess (one thread, tiny settings)."""
+"""The command line: ``python -m ddfast`` in a subprocess once (one thread, tiny settings), the rest in process."""
 
 import json
 import os
@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from loops_support import mnist_root
+from ddfast.cli import main
+from loops_support import mnist_root, one_thread  # noqa: F401  (one_thread: autouse)
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = [
@@ -46,9 +47,9 @@ def test_distill_stops_resumes_and_evaluates(tmp_path):
     assert synthetic["images"].shape == (20, 1, 28, 28)
 
 
-def test_print_config_applies_overrides():
-    result = ddfast("distill", "--method", "dsa", "--dataset", "cifar10", "--ipc", "10", "--cmi", "--set", "options.inner_loop=7", "--print-config")
-    config = json.loads(result.stdout)
+def test_print_config_applies_overrides(capsys):
+    assert main(["distill", "--method", "dsa", "--dataset", "cifar10", "--ipc", "10", "--cmi", "--set", "options.inner_loop=7", "--print-config"]) == 0
+    config = json.loads(capsys.readouterr().out)
     assert config["options"] == {"outer_loop": 10, "inner_loop": 7, "net_lr": 0.01, "train_batch": 256}
     assert config["cmi"]["weight"] == 50000 and config["evaluation"]["epochs"] == 1000
 
@@ -57,17 +58,21 @@ def test_print_config_applies_overrides():
     (["distill", "--method", "dm", "--dataset", "mnist", "--ipc", "10", "--set", "bogus=1"], "unknown setting 'bogus'"),
     (["distill", "--method", "dm", "--dataset", "mnist", "--ipc", "10", "--cmi"], "pass cmi_weight / --cmi-weight"),
     (["distill", "--method", "dm", "--dataset", "mnist", "--ipc", "10", "--data-root", "/nonexistent/data"], "/nonexistent/data/MNIST"),
+    (["distill", "--method", "dm", "--dataset", "mnist", "--ipc", "10", "--sweep", "cmi.weight"], "--sweep takes KEY=V1,V2"),
     (["evaluate", "/nonexistent/synthetic.pt"], "no synthetic set at /nonexistent/synthetic.pt"),
 ])
-def test_errors_are_clear(args, message):
-    result = ddfast(*args, check=False)
-    assert result.returncode == 2 and message in result.stderr
+def test_errors_are_clear(args, message, capsys):
+    with pytest.raises(SystemExit) as exit:
+        main(args)
+    assert exit.value.code == 2 and message in capsys.readouterr().err
 
 
-def test_pretrain_caches_the_pool(tmp_path):
+def test_pretrain_caches_the_pool(tmp_path, capsys):
     mnist_root()
     args = ["pretrain", "--dataset", "mnist", "--preset", "quick", "--cache-dir", str(tmp_path), "--set", "train_per_class=30",
             "--set", "val_per_class=10", "--set", "cmi.pretrain.model.width=16", "--set", "cmi.pretrain.train_per_class=30"]
-    assert "pretrained network 1/1: validation accuracy" in ddfast(*args).stderr
-    assert "loaded from" in ddfast(*args).stderr
+    assert main(args) == 0
+    assert "pretrained network 1/1: validation accuracy" in capsys.readouterr().err
+    assert main(args) == 0
+    assert "loaded from" in capsys.readouterr().err
     assert len(list((tmp_path / "pretrained").iterdir())) == 1
