@@ -4,18 +4,33 @@ Every operation has the backends ``reference`` (plain torch, the oracle), ``torc
 streaming, runs anywhere) and compiled ones (``cpu``: C++ from ``csrc/``; ``triton``; ``cuda``:
 CUDA C++ from ``csrc/``). ``auto`` takes the first backend of the device's preference list that
 runs on the device, supports the dtype and is available on this machine.
+
+Where no fixed order is right (Triton against CUDA C++ on a GPU), an operation can name the backends
+that ``auto`` races on a device type: on the first call for a (device, dtype, size bucket), each
+runnable candidate runs the caller's ``trial`` once to warm up (JIT compilation, caches), then
+``TRIAL_REPEATS`` times under a timer; the fastest by its best time is cached and returned from then
+on, so ``auto`` is deterministic after that first call. Size buckets are powers of two of the size the
+caller gives. Operations resolve their backend inside their opaque operators, so ``torch.compile``
+never traces this.
 """
 
 from __future__ import annotations
 
 import functools
 import os
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
 
 AUTO = "auto"
+TRIAL_REPEATS = 3
+
+
+def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype kernels accumulate in: float64 for float64 inputs, float32 for every other float."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def triton_interpreted() -> bool:
@@ -51,13 +66,26 @@ class Backend:
     float64: bool = True
 
 
+def synchronize(device: torch.device) -> None:
+    """Wait for the work queued on ``device`` (a no-op where work runs synchronously)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 @dataclass
 class Registry:
-    """The backends of one operation and ``auto``'s preference per device type."""
+    """The backends of one operation, ``auto``'s preference and its raced backends per device type.
+
+    ``clock`` times the races (a fake one in tests); ``picks`` caches their winners by
+    (device, dtype, size bucket).
+    """
 
     op: str
     preference: dict[str, tuple[str, ...]]
     backends: dict[str, Backend] = field(default_factory=dict)
+    race: dict[str, tuple[str, ...]] = field(default_factory=dict)
+    clock: Callable[[], float] = time.perf_counter
+    picks: dict[tuple, str] = field(default_factory=dict)
 
     def add(self, backend: Backend) -> Backend:
         self.backends[backend.name] = backend
@@ -80,9 +108,17 @@ class Registry:
         device = torch.device(device)
         return [n for n in self.backends if self.problem(n, device, dtype) is None]
 
-    def resolve(self, requested: str, device: torch.device, dtype: torch.dtype) -> str:
-        """The backend to run: ``requested`` itself after checking it, or ``auto``'s pick."""
+    def resolve(self, requested: str, device: torch.device, dtype: torch.dtype, *,
+                trial: Callable[[str], object] | None = None, size: int = 1) -> str:
+        """The backend to run: ``requested`` itself after checking it, or ``auto``'s pick.
+
+        ``trial(name)`` runs the operation once with backend ``name`` on representative inputs of
+        ``size`` (e.g. the element count); ``auto`` calls it to race the device type's candidates.
+        """
         if requested == AUTO:
+            raced = self._raced(device, dtype, trial, size)
+            if raced is not None:
+                return raced
             for name in self.preference.get(device.type, ()) + ("torch",):
                 if name in self.backends and self.problem(name, device, dtype) is None:
                     return name
@@ -93,3 +129,25 @@ class Registry:
         if problem is not None:
             raise RuntimeError(f"{self.op}: backend={requested!r} cannot run here: {problem}")
         return requested
+
+    def _raced(self, device: torch.device, dtype: torch.dtype, trial, size: int) -> str | None:
+        """The cached or newly measured fastest of the raced candidates, or ``None`` without a race."""
+        candidates = [n for n in self.race.get(device.type, ()) if n in self.backends and self.problem(n, device, dtype) is None]
+        if len(candidates) < 2 or trial is None:
+            return None
+        key = (device, dtype, max(int(size), 1).bit_length())
+        if key not in self.picks:
+            self.picks[key] = min(candidates, key=lambda name: self._time(name, device, trial))
+        return self.picks[key]
+
+    def _time(self, name: str, device: torch.device, trial: Callable[[str], object]) -> float:
+        """Best of ``TRIAL_REPEATS`` timed runs of ``trial(name)`` after one warm-up run."""
+        trial(name)
+        best = float("inf")
+        for _ in range(TRIAL_REPEATS):
+            synchronize(device)
+            start = self.clock()
+            trial(name)
+            synchronize(device)
+            best = min(best, self.clock() - start)
+        return best

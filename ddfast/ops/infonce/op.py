@@ -13,7 +13,7 @@ import torch
 from torch import Tensor
 
 from ... import _extension
-from ..._backends import Backend, Registry, triton_missing, triton_runs_on
+from ..._backends import Backend, Registry, accumulation_dtype, triton_missing, triton_runs_on
 from . import positives
 
 TRITON_MAX_DIM = 1024  # the Triton kernels hold whole rows of D on chip
@@ -37,10 +37,6 @@ def kernels(backend: str, query: Tensor):
             raise ValueError(f"backend='triton' supports feature dimensions up to {TRITON_MAX_DIM}, got {query.shape[1]}")
         name = "torch"
     return importlib.import_module(f"{__package__}.{_MODULES[name]}")
-
-
-def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def inverse_norm(x: Tensor, dtype: torch.dtype) -> Tensor:

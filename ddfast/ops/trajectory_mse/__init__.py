@@ -20,9 +20,9 @@ import torch
 from torch import Tensor, nn
 
 from ddfast import _checks
-from ddfast._backends import Backend, Registry, triton_missing, triton_runs_on
+from ddfast._backends import Backend, Registry, accumulation_dtype, triton_missing, triton_runs_on
 from ddfast.ops.trajectory_mse import cpu, cuda, reference
-from ddfast.ops.trajectory_mse.inputs import accumulation_dtype, as_lists
+from ddfast.ops.trajectory_mse.inputs import as_lists
 
 __all__ = ["trajectory_mse", "TrajectoryMSE", "REGISTRY"]
 

@@ -24,11 +24,6 @@ from ddfast import _checks
 NAMES = ("student", "start", "target")
 
 
-def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
-    """The dtype every kernel sums in: float64 for float64 inputs, float32 otherwise."""
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
 def as_lists(student, start, target, *, batched: bool | None = None) -> tuple[list[torch.Tensor], list[torch.Tensor], list[torch.Tensor], int]:
     """Check the three arguments; return them as lists of contiguous tensors, and B."""
     if batched is not None and not isinstance(batched, bool):

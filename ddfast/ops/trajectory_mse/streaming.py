@@ -18,7 +18,8 @@ from __future__ import annotations
 
 import torch
 
-from ddfast.ops.trajectory_mse.inputs import accumulation_dtype, rows
+from ddfast._backends import accumulation_dtype
+from ddfast.ops.trajectory_mse.inputs import rows
 
 COLUMNS = 1 << 16
 

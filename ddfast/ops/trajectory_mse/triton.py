@@ -17,7 +17,7 @@ import triton
 import triton.language as tl
 
 from ddfast._backends import triton_interpreted
-from ddfast.ops.trajectory_mse.inputs import accumulation_dtype
+from ddfast._backends import accumulation_dtype
 
 CHUNK = 4096  # elements of one row handled by one program
 BLOCK = 1024  # elements per step inside a program

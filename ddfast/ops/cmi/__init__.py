@@ -1,0 +1,108 @@
+"""``cmi_loss``: the class-conditional mutual information regulariser, fused and in log space.
+
+For features f (N, K) of a frozen network and labels y (N,):
+``P_i = softmax(f_i / T)``, ``Q_c`` = mean of ``P_i`` over the rows of class c (or given
+``centroids``, held constant), ``KL_i = KL(P_i || Q_{y_i})``; the loss is their mean (the CMI,
+equal to the authors' ``F.kl_div(log Q_y, log_softmax(f), log_target=True, reduction="batchmean")``),
+sum, or the KLs themselves. ``cmi_per_class`` gives each class's mean KL ("class-aware complexity").
+
+Backends (``backend=``): ``reference`` (plain torch, the naive formula), ``torch`` (log space,
+streamed over rows, any device), ``cpu`` (C++), ``triton`` (GPU; CPU under TRITON_INTERPRET=1) and
+``cuda`` (CUDA C++). ``auto`` takes ``cpu`` on CPU tensors and races ``triton`` against ``cuda``
+on a GPU once per (device, dtype, size bucket), keeping the faster (``ddfast._backends``).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ... import _checks
+from ..._backends import AUTO, accumulation_dtype
+from . import operators, reference
+from .operators import REGISTRY
+
+
+def cmi_loss(features: torch.Tensor, labels: torch.Tensor, num_classes: int | None = None, *, temperature: float = 1.0,
+             centroids: torch.Tensor | None = None, reduction: str = "mean", backend: str = AUTO) -> torch.Tensor:
+    """The CMI of ``features`` given ``labels``: mean (or sum, or each) of KL(P_i || Q_{y_i}).
+
+    features: (N, K) float32 / float64 / bfloat16 / float16 logits or features (N, K >= 1).
+    labels: (N,) integer class labels in [0, num_classes).
+    num_classes: C; defaults to ``centroids.shape[0]``, else ``labels.max() + 1`` (which reads the
+        labels: pass it under ``torch.compile``).
+    temperature: a python float > 0; ``P_i = softmax(features_i / temperature)``.
+    centroids: None for the batch's own class means (gradients flow through them, as in the
+        authors' code), or (C, K) probability rows (e.g. real-data centroids) held constant.
+    reduction: "mean" (the CMI), "sum", or "none" for the (N,) per-sample KLs.
+    Returns a tensor in the features' dtype; computed in float32 (float64 for float64 inputs).
+    """
+    features, labels, centroids, num_classes, temperature = _validated(features, labels, num_classes, temperature, centroids)
+    _checks.reduction(reduction)
+    if backend == "reference":
+        operators.check_values(labels, num_classes, centroids)
+        return reference.cmi_reference(features, labels, num_classes, temperature=temperature, centroids=centroids, reduction=reduction)
+    return torch.ops.ddfast.cmi_forward(features, labels, centroids, num_classes, temperature, reduction, backend)[0]
+
+
+def cmi_per_class(features: torch.Tensor, labels: torch.Tensor, num_classes: int | None = None, *, temperature: float = 1.0,
+                  centroids: torch.Tensor | None = None, backend: str = AUTO) -> torch.Tensor:
+    """(C,) mean KL(P_i || Q_c) over the rows of each class c: the class-aware complexity.
+
+    NaN for classes without rows. ``cmi_loss`` (mean) equals ``sum_c n_c / N * cmi_per_class[c]``.
+    Arguments as ``cmi_loss``; differentiable like it.
+    """
+    features, labels, centroids, num_classes, temperature = _validated(features, labels, num_classes, temperature, centroids)
+    kl = cmi_loss(features, labels, num_classes, temperature=temperature, centroids=centroids, reduction="none", backend=backend)
+    sums = kl.new_zeros(num_classes, dtype=accumulation_dtype(kl.dtype)).index_add(0, labels, kl.to(accumulation_dtype(kl.dtype)))
+    return (sums / torch.bincount(labels, minlength=num_classes)).to(kl.dtype)
+
+
+class CMILoss(nn.Module):
+    """``cmi_loss`` as a module: ``CMILoss(num_classes, temperature=..., reduction=...)(features, labels, centroids=None)``."""
+
+    def __init__(self, num_classes: int | None = None, *, temperature: float = 1.0, reduction: str = "mean", backend: str = AUTO):
+        super().__init__()
+        self.num_classes = num_classes
+        self.temperature = temperature
+        self.reduction = _checks.reduction(reduction)
+        self.backend = backend
+
+    def forward(self, features: torch.Tensor, labels: torch.Tensor, centroids: torch.Tensor | None = None) -> torch.Tensor:
+        return cmi_loss(features, labels, self.num_classes, temperature=self.temperature, centroids=centroids,
+                        reduction=self.reduction, backend=self.backend)
+
+    def extra_repr(self) -> str:
+        return f"num_classes={self.num_classes}, temperature={self.temperature}, reduction={self.reduction!r}, backend={self.backend!r}"
+
+
+def _validated(features, labels, num_classes, temperature, centroids):
+    """Metadata checks with messages naming the argument; labels come back as int64."""
+    features = _checks.tensor("features", features, ndim=2)
+    if features.shape[0] == 0 or features.shape[1] == 0:
+        raise ValueError(f"features must have at least one row and one column, got shape {tuple(features.shape)}")
+    labels = _checks.labels("labels", labels, features.shape[0], features.device).long()
+    if isinstance(temperature, torch.Tensor):
+        raise TypeError("temperature must be a python float for cmi_loss, got a tensor (a learned temperature "
+                        "would lower the CMI by flattening every softmax)")
+    temperature = _checks.positive_scalar("temperature", temperature)
+    if centroids is not None:
+        centroids = _checks.tensor("centroids", centroids, ndim=2).detach()
+        _checks.same_device(features=features, centroids=centroids)
+        if centroids.shape[1] != features.shape[1]:
+            raise ValueError(f"centroids must have shape (num_classes, {features.shape[1]}) to match features {tuple(features.shape)}, "
+                             f"got {tuple(centroids.shape)}")
+        if num_classes is not None and num_classes != centroids.shape[0]:
+            raise ValueError(f"num_classes={num_classes} disagrees with centroids of shape {tuple(centroids.shape)}")
+    return features, labels, centroids, _num_classes(num_classes, labels, centroids), temperature
+
+
+def _num_classes(num_classes, labels: torch.Tensor, centroids: torch.Tensor | None) -> int:
+    if num_classes is None:
+        return centroids.shape[0] if centroids is not None else int(labels.max()) + 1
+    if isinstance(num_classes, bool) or not isinstance(num_classes, (int, torch.SymInt)) or num_classes < 1:
+        raise ValueError(f"num_classes must be a positive int, got {num_classes!r}")
+    return num_classes
+
+
+__all__ = ["CMILoss", "REGISTRY", "cmi_loss", "cmi_per_class"]

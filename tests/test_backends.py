@@ -1,0 +1,85 @@
+"""The backend registry: resolution, errors, and auto's race between raced backends."""
+
+import pytest
+import torch
+
+from ddfast._backends import AUTO, TRIAL_REPEATS, Backend, Registry
+
+
+class FakeClock:
+    """Time advances only when a fake trial says it worked for a while."""
+
+    def __init__(self):
+        self.now = 0.0
+
+    def __call__(self):
+        return self.now
+
+
+def registry(clock, **race):
+    reg = Registry("op", preference={"cpu": ("slow", "fast")}, race=race, clock=clock)
+    reg.add(Backend("torch", lambda device: True))
+    reg.add(Backend("slow", lambda device: device == "cpu"))
+    reg.add(Backend("fast", lambda device: device == "cpu"))
+    reg.add(Backend("broken", lambda device: device == "cpu", missing=lambda: "no compiler"))
+    return reg
+
+
+def timed_trial(clock, costs, calls):
+    def trial(name):
+        calls.append(name)
+        clock.now += costs[name]
+    return trial
+
+
+def test_auto_without_race_takes_the_preference_order():
+    reg = registry(FakeClock())
+    assert reg.resolve(AUTO, torch.device("cpu"), torch.float32) == "slow"
+
+
+def test_auto_races_once_per_bucket_and_keeps_the_fastest():
+    clock, calls = FakeClock(), []
+    reg = registry(clock, cpu=("slow", "fast", "broken"))
+    trial = timed_trial(clock, {"slow": 2.0, "fast": 1.0}, calls)
+    cpu = torch.device("cpu")
+    assert reg.resolve(AUTO, cpu, torch.float32, trial=trial, size=1000) == "fast"
+    assert calls == ["slow"] * (1 + TRIAL_REPEATS) + ["fast"] * (1 + TRIAL_REPEATS)  # broken one never runs
+    calls.clear()
+    assert reg.resolve(AUTO, cpu, torch.float32, trial=trial, size=1023) == "fast"  # same bucket: cached
+    assert calls == []
+    trial = timed_trial(clock, {"slow": 1.0, "fast": 3.0}, calls)
+    assert reg.resolve(AUTO, cpu, torch.float32, trial=trial, size=1024) == "slow"  # new bucket: raced again
+    assert reg.resolve(AUTO, cpu, torch.float64, trial=trial, size=1000) == "slow"  # new dtype: raced again
+    assert len(reg.picks) == 3
+
+
+def test_race_uses_the_best_time_and_ignores_the_warm_up():
+    clock, costs = FakeClock(), {"slow": [10.0, 1.5, 1.5, 1.5], "fast": [0.1, 2.0, 1.0, 2.0]}
+
+    def trial(name):
+        clock.now += costs[name].pop(0)
+
+    reg = registry(clock, cpu=("slow", "fast"))
+    assert reg.resolve(AUTO, torch.device("cpu"), torch.float32, trial=trial) == "fast"
+
+
+def test_no_race_without_a_trial_or_with_one_candidate():
+    clock, calls = FakeClock(), []
+    reg = registry(clock, cpu=("fast", "broken"))
+    trial = timed_trial(clock, {"slow": 1.0, "fast": 1.0}, calls)
+    assert reg.resolve(AUTO, torch.device("cpu"), torch.float32, trial=trial) == "slow"
+    assert calls == []
+    reg = registry(clock, cpu=("slow", "fast"))
+    assert reg.resolve(AUTO, torch.device("cpu"), torch.float32) == "slow"
+    assert reg.picks == {}
+
+
+def test_explicit_backends_are_checked():
+    reg = registry(FakeClock())
+    assert reg.resolve("fast", torch.device("cpu"), torch.float32) == "fast"
+    with pytest.raises(ValueError, match="backend must be 'auto' or one of"):
+        reg.resolve("nope", torch.device("cpu"), torch.float32)
+    with pytest.raises(RuntimeError, match="no compiler"):
+        reg.resolve("broken", torch.device("cpu"), torch.float32)
+    with pytest.raises(RuntimeError, match="does not run on meta"):
+        reg.resolve("fast", torch.device("meta"), torch.float32)
