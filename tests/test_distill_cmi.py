@@ -56,7 +56,6 @@ def test_presets_need_a_weight_chosen_for_the_data():
         preset("dm", "mnist", 10, cmi=True)
 
 
-@pytest.mark.skipif(not hasattr(ddfast, "cmi_loss"), reason="ddfast.cmi_loss has not landed on this branch yet")
 def test_dm_with_cmi_lowers_the_synthetic_sets_cmi(tmp_path):
     mnist_root()
     cmi = CMIConfig(weight=0.0, features="logits", pretrain=tiny_pretrain())

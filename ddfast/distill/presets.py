@@ -20,7 +20,9 @@ PRESETS = ("upstream", "quick")
 # The CMI authors' weights (lambda), known for CIFAR-10 only.
 UPSTREAM_CMI_WEIGHTS = {("dm", "cifar10", 10): 8000.0, ("dm", "cifar10", 50): 2000.0, ("dc", "cifar10", 10): 50000.0, ("dsa", "cifar10", 10): 50000.0}
 
-# quick: chosen on MNIST IPC 10's validation split (see README)
+# quick: chosen on MNIST IPC 10's validation split with `--sweep cmi.weight=...` (validation accuracy
+# of the chosen checkpoint, one network): logits 10 / 100 / 1000 -> 92.5 / 91.5 / 89.4 %, penultimate
+# features ("embed") 1000 / 10000 -> 91.8 / 86.4 %; plain DM 93.0 %. CMI did not help on MNIST.
 QUICK_CMI = {"weight": 10.0, "features": "logits"}
 QUICK_PRETRAIN = PretrainSpec(model=ModelSpec(), pool=1, epochs=1, train_per_class=500)
 
