@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from pathlib import Path
 
 
@@ -27,11 +26,12 @@ def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ddfast", description="Dataset distillation with fused kernels.")
     commands = parser.add_subparsers(required=True, metavar="COMMAND")
 
-    def run_options(p: argparse.ArgumentParser) -> None:
+    def run_options(p: argparse.ArgumentParser, *, cache: bool = True) -> None:
         p.add_argument("--device", help="torch device (default: cuda when available, else cpu)")
         p.add_argument("--data-root", help="folder holding the datasets (default: $DDFAST_DATA_ROOT, else ../shared/data)")
         p.add_argument("--download", action="store_true", help="download the dataset if it is missing")
-        p.add_argument("--cache-dir", help="pre-trained networks cache (default: $DDFAST_CACHE_DIR, else ~/.cache/ddfast)")
+        if cache:
+            p.add_argument("--cache-dir", help="pre-trained networks cache (default: $DDFAST_CACHE_DIR, else ~/.cache/ddfast)")
         p.add_argument("--quiet", action="store_true", help="no progress bars or messages")
 
     def config_options(p: argparse.ArgumentParser, *, method_required: bool) -> None:
@@ -62,7 +62,7 @@ def _parser() -> argparse.ArgumentParser:
 
     p = commands.add_parser("evaluate", help="evaluate a synthetic set against the random-real baseline")
     p.add_argument("synthetic", help="a synthetic.pt written by ddfast distill")
-    run_options(p)
+    run_options(p, cache=False)
     p.add_argument("--models", type=int, help="networks to train (default: the run's protocol)")
     p.add_argument("--epochs", type=int, help="training epochs per network")
     p.add_argument("--lrs", help="candidate learning rates, comma separated, chosen on the validation split")
@@ -150,7 +150,8 @@ def _evaluate(args) -> int:
             config = override(config, f"evaluation.{key}", value)
     data = load_data(config, args.data_root, args.download).to(resolve_device(args.device))
     seed = config.seed if args.seed is None else args.seed
-    evaluation = evaluate_with_baseline(saved["images"], saved["labels"], data, config.evaluation, seed=seed, lr=saved.get("eval_lr"))
+    evaluation = evaluate_with_baseline(saved["images"], saved["labels"], data, config.evaluation, seed=seed, lr=saved.get("eval_lr"),
+                                        progress=not args.quiet)
     out = Path(args.out) if args.out else Path(args.synthetic).with_name("evaluation.json")
     checkpoint.save_json({"synthetic": str(args.synthetic), "protocol": to_dict(config.evaluation), "evaluation": evaluation}, out)
     _report(evaluation, out)
@@ -162,7 +163,3 @@ def _report(evaluation: dict, where: Path) -> None:
     print(f"distilled   test accuracy {100 * syn['test_mean']:.2f} +- {100 * syn['test_std']:.2f} % (lr {syn['lr']})")
     print(f"random real test accuracy {100 * rnd['test_mean']:.2f} +- {100 * rnd['test_std']:.2f} % (lr {rnd['lr']})")
     print(f"improvement {100 * evaluation['improvement']:+.2f} points; details in {where}")
-
-
-if __name__ == "__main__":
-    sys.exit(main())
