@@ -1,0 +1,165 @@
+"""Command line: ``ddfast distill``, ``ddfast evaluate``, ``ddfast pretrain`` (also ``python -m ddfast``)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+
+def main(argv: list[str] | None = None) -> int:
+    from .allocator import keep_freed_memory
+
+    parser = _parser()
+    args = parser.parse_args(argv)
+    keep_freed_memory()
+    try:
+        return args.command(args)
+    except (ValueError, FileNotFoundError, TypeError) as exc:
+        parser.exit(2, f"ddfast {args.name}: error: {exc}\n")
+
+
+def _parser() -> argparse.ArgumentParser:
+    from .distill import METHODS, PRESETS
+    from .data import DATASETS
+
+    parser = argparse.ArgumentParser(prog="ddfast", description="Dataset distillation with fused kernels.")
+    commands = parser.add_subparsers(required=True, metavar="COMMAND")
+
+    def run_options(p: argparse.ArgumentParser, *, cache: bool = True) -> None:
+        p.add_argument("--device", help="torch device (default: cuda when available, else cpu)")
+        p.add_argument("--data-root", help="folder holding the datasets (default: $DDFAST_DATA_ROOT, else ../shared/data)")
+        p.add_argument("--download", action="store_true", help="download the dataset if it is missing")
+        if cache:
+            p.add_argument("--cache-dir", help="pre-trained networks cache (default: $DDFAST_CACHE_DIR, else ~/.cache/ddfast)")
+        p.add_argument("--quiet", action="store_true", help="no progress bars or messages")
+
+    def config_options(p: argparse.ArgumentParser, *, method_required: bool) -> None:
+        p.add_argument("--method", required=method_required, default="dm", choices=sorted(METHODS))
+        p.add_argument("--dataset", required=True, help=f"one of {sorted(DATASETS)}")
+        p.add_argument("--ipc", type=int, required=method_required, default=10, help="synthetic images per class")
+        p.add_argument("--preset", default="upstream", choices=PRESETS, help="hyperparameters (default: upstream)")
+        p.add_argument("--cmi", action="store_true", help="add the CMI regulariser with the preset's weight")
+        p.add_argument("--cmi-weight", type=float, help="add the CMI regulariser with this weight")
+        p.add_argument("--iterations", type=int, help="override the preset's number of iterations")
+        p.add_argument("--seed", type=int, help="override the seed (default 0)")
+        p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override any setting, e.g. evaluation.models=3 or options.inner_loop=5 (repeatable)")
+        p.add_argument("--print-config", action="store_true", help="print the resolved settings as JSON and exit")
+
+    p = commands.add_parser("distill", help="distill a dataset", description="Distill a dataset; rerunning the same command resumes from the checkpoint in --out.")
+    config_options(p, method_required=True)
+    run_options(p)
+    p.add_argument("--out", help="output folder (default: runs/<method>-<dataset>-ipc<ipc>-<preset>[-cmi])")
+    p.add_argument("--sweep", metavar="KEY=V1,V2,...", help="distill once per value, choose on the validation split, test only the winner")
+    p.add_argument("--restart", action="store_true", help="ignore an existing checkpoint in --out")
+    p.add_argument("--stop-after", type=int, metavar="N", help="stop after N iterations, checkpointed, as a kill would")
+    p.set_defaults(command=_distill, name="distill")
+
+    p = commands.add_parser("pretrain", help="train and cache the CMI regulariser's pool of networks")
+    config_options(p, method_required=False)
+    run_options(p)
+    p.set_defaults(command=_pretrain, name="pretrain")
+
+    p = commands.add_parser("evaluate", help="evaluate a synthetic set against the random-real baseline")
+    p.add_argument("synthetic", help="a synthetic.pt written by ddfast distill")
+    run_options(p, cache=False)
+    p.add_argument("--models", type=int, help="networks to train (default: the run's protocol)")
+    p.add_argument("--epochs", type=int, help="training epochs per network")
+    p.add_argument("--lrs", help="candidate learning rates, comma separated, chosen on the validation split")
+    p.add_argument("--dsa", choices=("on", "off"), help="augment evaluation training with DSA")
+    p.add_argument("--seed", type=int, help="seed of the networks and the random-real subset (default: the run's)")
+    p.add_argument("--out", help="JSON file for the results (default: evaluation.json beside the synthetic set)")
+    p.set_defaults(command=_evaluate, name="evaluate")
+    return parser
+
+
+def _config(args):
+    from .distill import preset
+    from .settings import override
+
+    cmi_weight = args.cmi_weight
+    if args.name == "pretrain" and cmi_weight is None:
+        cmi_weight = 0.0  # the pool does not depend on the weight
+    config = preset(args.method, args.dataset, args.ipc, args.preset, cmi=args.cmi, cmi_weight=cmi_weight)
+    if args.iterations is not None:
+        config = override(config, "iterations", args.iterations)
+    if args.seed is not None:
+        config = override(config, "seed", args.seed)
+    for item in args.set:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise ValueError(f"--set takes KEY=VALUE, got {item!r}")
+        config = override(config, key.strip(), value.strip())
+    return config
+
+
+def _print_config(config) -> int:
+    from .settings import to_dict
+
+    print(json.dumps(to_dict(config), indent=2))
+    return 0
+
+
+def _distill(args) -> int:
+    from .distill import run, sweep
+
+    config = _config(args)
+    if args.print_config:
+        return _print_config(config)
+    out = args.out or f"runs/{config.method}-{config.dataset}-ipc{config.ipc}-{args.preset}{'-cmi' if config.cmi else ''}"
+    options = dict(data_root=args.data_root, download=args.download, device=args.device, cache_dir=args.cache_dir, quiet=args.quiet, restart=args.restart)
+    if args.sweep:
+        if args.stop_after is not None:
+            raise ValueError("--stop-after cannot be combined with --sweep")
+        key, sep, values = args.sweep.partition("=")
+        if not sep or not values:
+            raise ValueError(f"--sweep takes KEY=V1,V2,..., got {args.sweep!r}")
+        summary = sweep(config, key.strip(), [v.strip() for v in values.split(",") if v.strip()], out, **options)
+        _report(summary["evaluation"], Path(out) / "sweep.json")
+        return 0
+    results = run(config, out, stop_after=args.stop_after, **options)
+    if results["status"] == "stopped":
+        print(f"stopped after iteration {results['iteration']}; rerun the same command to resume")
+        return 0
+    _report(results["evaluation"], Path(out) / "results.json")
+    return 0
+
+
+def _pretrain(args) -> int:
+    from .distill import load_data, pretrain, resolve_device
+
+    config = _config(args)
+    if args.print_config:
+        return _print_config(config)
+    data = load_data(config, args.data_root, args.download).to(resolve_device(args.device))
+    pretrain(config, data, cache_dir=args.cache_dir, quiet=args.quiet)
+    return 0
+
+
+def _evaluate(args) -> int:
+    from . import checkpoint
+    from .distill import DistillConfig, load_data, resolve_device
+    from .distill.outputs import load_synthetic
+    from .evaluate import evaluate_with_baseline
+    from .settings import from_dict, override, to_dict
+
+    saved = load_synthetic(args.synthetic)
+    config = from_dict(DistillConfig, saved["settings"])
+    for key, value in (("models", args.models), ("epochs", args.epochs), ("lrs", args.lrs), ("dsa", args.dsa)):
+        if value is not None:
+            config = override(config, f"evaluation.{key}", value)
+    data = load_data(config, args.data_root, args.download).to(resolve_device(args.device))
+    seed = config.seed if args.seed is None else args.seed
+    evaluation = evaluate_with_baseline(saved["images"], saved["labels"], data, config.evaluation, seed=seed, lr=saved.get("eval_lr"),
+                                        progress=not args.quiet)
+    out = Path(args.out) if args.out else Path(args.synthetic).with_name("evaluation.json")
+    checkpoint.save_json({"synthetic": str(args.synthetic), "protocol": to_dict(config.evaluation), "evaluation": evaluation}, out)
+    _report(evaluation, out)
+    return 0
+
+
+def _report(evaluation: dict, where: Path) -> None:
+    syn, rnd = evaluation["synthetic"], evaluation["random_real"]
+    print(f"distilled   test accuracy {100 * syn['test_mean']:.2f} +- {100 * syn['test_std']:.2f} % (lr {syn['lr']})")
+    print(f"random real test accuracy {100 * rnd['test_mean']:.2f} +- {100 * rnd['test_std']:.2f} % (lr {rnd['lr']})")
+    print(f"improvement {100 * evaluation['improvement']:+.2f} points; details in {where}")

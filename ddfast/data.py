@@ -1,0 +1,192 @@
+"""Real datasets for the distillation loops: one interface over torchvision's loaders.
+
+``load("mnist")`` returns the whole dataset as normalised float32 tensors, with a validation split
+carved from the training set (stratified, seeded), so every selection (checkpoints, learning rates,
+regulariser weights) is made without looking at the test set.
+
+The data root is ``root`` when given, else ``$DDFAST_DATA_ROOT``, else ``../shared/data`` beside
+the source checkout when that folder exists.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+ROOT_ENV = "DDFAST_DATA_ROOT"
+CHECKOUT_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+
+
+@dataclass(frozen=True)
+class DatasetInfo:
+    """What the loops need to know about a dataset: shape, classes and normalisation."""
+
+    name: str
+    channels: int
+    image_size: int
+    num_classes: int
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    folder: str  # torchvision's folder under the data root
+
+
+# Per-channel statistics of the training sets, as used by the public reference code.
+DATASETS = {
+    "mnist": DatasetInfo("mnist", 1, 28, 10, (0.1307,), (0.3081,), "MNIST"),
+    "fashion-mnist": DatasetInfo("fashion-mnist", 1, 28, 10, (0.2861,), (0.3530,), "FashionMNIST"),
+    "cifar10": DatasetInfo("cifar10", 3, 32, 10, (0.4914, 0.4822, 0.4465), (0.2023, 0.1994, 0.2010), "cifar-10-batches-py"),
+    "cifar100": DatasetInfo("cifar100", 3, 32, 100, (0.5071, 0.4866, 0.4409), (0.2673, 0.2564, 0.2762), "cifar-100-python"),
+    "svhn": DatasetInfo("svhn", 3, 32, 10, (0.4377, 0.4438, 0.4728), (0.1980, 0.2010, 0.1970), "."),
+}
+ALIASES = {"fashionmnist": "fashion-mnist", "fmnist": "fashion-mnist", "fashion_mnist": "fashion-mnist", "cifar-10": "cifar10", "cifar-100": "cifar100"}
+
+
+@dataclass
+class Split:
+    """Images (N, C, H, W) float32, normalised; labels (N,) int64."""
+
+    images: torch.Tensor
+    labels: torch.Tensor
+
+    def __len__(self) -> int:
+        return self.labels.shape[0]
+
+    def to(self, device: torch.device | str) -> Split:
+        return Split(self.images.to(device), self.labels.to(device))
+
+    def subset(self, index: torch.Tensor) -> Split:
+        return Split(self.images[index], self.labels[index])
+
+
+@dataclass
+class RealData:
+    """A dataset ready for distillation: training part, validation part carved from it, test set."""
+
+    info: DatasetInfo
+    train: Split
+    val: Split
+    test: Split
+
+    def to(self, device: torch.device | str) -> RealData:
+        return RealData(self.info, self.train.to(device), self.val.to(device), self.test.to(device))
+
+
+def dataset_info(name: str) -> DatasetInfo:
+    key = ALIASES.get(name.lower(), name.lower())
+    if key not in DATASETS:
+        raise ValueError(f"dataset must be one of {sorted(DATASETS)}, got {name!r}")
+    return DATASETS[key]
+
+
+def data_root(root: str | os.PathLike | None = None) -> Path:
+    """The folder holding the datasets: ``root``, else ``$DDFAST_DATA_ROOT``, else ../shared/data."""
+    if root is not None:
+        return Path(root)
+    if os.environ.get(ROOT_ENV):
+        return Path(os.environ[ROOT_ENV])
+    if CHECKOUT_DATA.is_dir():
+        return CHECKOUT_DATA
+    raise FileNotFoundError(f"no data root: pass --data-root / root=, or set ${ROOT_ENV} (also looked for {CHECKOUT_DATA})")
+
+
+def load(
+    name: str,
+    root: str | os.PathLike | None = None,
+    *,
+    val_per_class: int,
+    seed: int = 0,
+    train_per_class: int | None = None,
+    test_per_class: int | None = None,
+    download: bool = False,
+) -> RealData:
+    """Load dataset ``name`` with ``val_per_class`` training images per class held out for validation.
+
+    ``train_per_class`` / ``test_per_class`` keep only that many images per class (smoke tests and
+    quick runs); the default keeps everything. The subsets and the split are drawn with ``seed``.
+    """
+    info = dataset_info(name)
+    if val_per_class < 1:
+        raise ValueError(f"val_per_class must be >= 1, got {val_per_class}")
+    for arg, value in (("train_per_class", train_per_class), ("test_per_class", test_per_class)):
+        if value is not None and value < 1:
+            raise ValueError(f"{arg} must be >= 1 or None, got {value}")
+    folder = data_root(root)
+    train = _read(info, folder, train=True, download=download)
+    test = _read(info, folder, train=False, download=download)
+    generator = torch.Generator().manual_seed(seed)
+    val_index, train_index = _stratified_split(train.labels, info.num_classes, val_per_class, train_per_class, generator)
+    test_index = _stratified_split(test.labels, info.num_classes, test_per_class, None, generator)[0] if test_per_class else None
+    return RealData(info, train.subset(train_index), train.subset(val_index), test.subset(test_index) if test_index is not None else test)
+
+
+def class_indices(labels: torch.Tensor, num_classes: int) -> list[torch.Tensor]:
+    """For each class, the positions of its rows in ``labels``."""
+    return [torch.nonzero(labels == c).flatten() for c in range(num_classes)]
+
+
+def random_per_class(labels: torch.Tensor, num_classes: int, count: int, generator: torch.Generator) -> torch.Tensor:
+    """``count`` random positions of each class, class by class (num_classes * count,)."""
+    picks = []
+    for c, index in enumerate(class_indices(labels.cpu(), num_classes)):
+        if len(index) < count:
+            raise ValueError(f"class {c} has {len(index)} images, fewer than the {count} asked for")
+        picks.append(index[torch.randperm(len(index), generator=generator)[:count]])
+    return torch.cat(picks)
+
+
+def _stratified_split(labels, num_classes, first_per_class, rest_per_class, generator):
+    """Disjoint per-class random draws: (first part, rest); the rest is everything left when None."""
+    first, rest = [], []
+    for c, index in enumerate(class_indices(labels, num_classes)):
+        if len(index) <= first_per_class:
+            raise ValueError(f"class {c} has {len(index)} images, too few to hold out {first_per_class} per class")
+        index = index[torch.randperm(len(index), generator=generator)]
+        first.append(index[:first_per_class])
+        rest.append(index[first_per_class:][:rest_per_class])
+    return torch.cat(first), torch.cat(rest)
+
+
+def _read(info: DatasetInfo, root: Path, *, train: bool, download: bool) -> Split:
+    """One torchvision split as normalised tensors; a clear error when the files are missing."""
+    import torchvision.datasets as tvd
+
+    split = "train" if train else "test"
+    constructors = {
+        "mnist": lambda: tvd.MNIST(str(root), train=train, download=download),
+        "fashion-mnist": lambda: tvd.FashionMNIST(str(root), train=train, download=download),
+        "cifar10": lambda: tvd.CIFAR10(str(root), train=train, download=download),
+        "cifar100": lambda: tvd.CIFAR100(str(root), train=train, download=download),
+        "svhn": lambda: tvd.SVHN(str(root), split=split, download=download),
+    }
+    try:
+        dataset = constructors[info.name]()
+    except RuntimeError as exc:  # torchvision: "Dataset not found ..."
+        raise FileNotFoundError(
+            f"{info.name} ({split}) not found under {(root / info.folder).resolve()}: {exc} "
+            f"Pass --download (download=True) to fetch it, or point --data-root / ${ROOT_ENV} at a folder holding it."
+        ) from None
+    images = torch.as_tensor(np.asarray(dataset.data))
+    if images.dim() == 3:  # (N, H, W): one channel
+        images = images.unsqueeze(1)
+    elif images.shape[-1] == info.channels:  # (N, H, W, C)
+        images = images.permute(0, 3, 1, 2)
+    labels = torch.as_tensor(np.asarray(dataset.targets if hasattr(dataset, "targets") else dataset.labels), dtype=torch.int64)
+    return Split(normalize(images, info), labels)
+
+
+def normalize(images: torch.Tensor, info: DatasetInfo) -> torch.Tensor:
+    """uint8 (N, C, H, W) in [0, 255] -> float32 standardised per channel."""
+    mean = torch.tensor(info.mean).view(1, -1, 1, 1)
+    std = torch.tensor(info.std).view(1, -1, 1, 1)
+    return ((images.float() / 255 - mean) / std).contiguous()
+
+
+def denormalize(images: torch.Tensor, info: DatasetInfo) -> torch.Tensor:
+    """Back to [0, 1] pixel values (clamped), for pictures."""
+    mean = torch.tensor(info.mean, device=images.device).view(1, -1, 1, 1)
+    std = torch.tensor(info.std, device=images.device).view(1, -1, 1, 1)
+    return (images * std + mean).clamp(0, 1)

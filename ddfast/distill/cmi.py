@@ -1,0 +1,51 @@
+"""The CMI regulariser: class-conditional mutual information of the synthetic set, measured in the
+feature space of networks pre-trained on the real data (one picked at random each iteration).
+
+Computed on the un-augmented synthetic images with ``ddfast.cmi_loss``; its weight must be chosen
+on the validation split (``ddfast distill --sweep cmi.weight=...``): the authors' CIFAR weights
+(thousands) do not carry over to other datasets and feature spaces.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from ..pretrain import PretrainSpec
+
+FEATURES = ("embed", "logits")
+
+
+@dataclass(frozen=True)
+class CMIConfig:
+    weight: float  # lambda: the total loss is L_DD + weight * CMI
+    features: str = "embed"  # "embed": penultimate features (the authors' choice); "logits"
+    temperature: float = 1.0
+    pretrain: PretrainSpec = field(default_factory=PretrainSpec)
+
+    def __post_init__(self):
+        if not self.weight >= 0:
+            raise ValueError(f"cmi weight must be >= 0, got {self.weight}")
+        if self.features not in FEATURES:
+            raise ValueError(f"cmi features must be one of {FEATURES}, got {self.features!r}")
+        if not self.temperature > 0:
+            raise ValueError(f"cmi temperature must be > 0, got {self.temperature}")
+
+
+class CMIRegularizer:
+    """``reg(images, labels)`` -> (weight * CMI, CMI) with a network drawn from ``networks`` (global RNG)."""
+
+    def __init__(self, networks: list[nn.Module], config: CMIConfig, num_classes: int):
+        if not networks:
+            raise ValueError("the CMI regulariser needs at least one pre-trained network")
+        self.networks, self.config, self.num_classes = networks, config, num_classes
+
+    def __call__(self, images: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        from .. import cmi_loss
+
+        network = self.networks[int(torch.randint(len(self.networks), (1,)))]
+        features = network.embed(images) if self.config.features == "embed" else network(images)
+        cmi = cmi_loss(features, labels, self.num_classes, temperature=self.config.temperature)
+        return self.config.weight * cmi, cmi.detach()

@@ -1,0 +1,160 @@
+"""Pieces every distillation method shares: the synthetic set, real-image sampling, the method
+interface and its registry.
+
+A method is a class registered under a name; the runner (``ddfast.distill.run``) owns everything
+else: data, seeding, checkpoints, validation, evaluation and outputs. A new method (e.g. ``mtt``)
+subclasses ``Method``, implements ``step`` and its presets, and calls ``register``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+
+from ..augment import DSA
+from ..data import RealData, class_indices, random_per_class
+from ..settings import from_dict
+from .cmi import CMIRegularizer
+from .config import DistillConfig
+
+METHODS: dict[str, type[Method]] = {}
+
+
+def register(cls: type[Method]) -> type[Method]:
+    """Class decorator: make ``cls`` available as ``METHODS[cls.name]``."""
+    if not cls.name or cls.name in METHODS:
+        raise ValueError(f"method name {cls.name!r} is empty or taken")
+    METHODS[cls.name] = cls
+    return cls
+
+
+def method_class(name: str) -> type[Method]:
+    if name not in METHODS:
+        raise ValueError(f"method must be one of {sorted(METHODS)}, got {name!r}")
+    return METHODS[name]
+
+
+class SyntheticSet:
+    """The learnable images (N, C, H, W) float32, class-major: class c is rows [c * ipc, (c + 1) * ipc)."""
+
+    def __init__(self, images: torch.Tensor, num_classes: int):
+        if images.shape[0] % num_classes:
+            raise ValueError(f"{images.shape[0]} synthetic images do not split evenly into {num_classes} classes")
+        self.images = nn.Parameter(images.detach().clone())
+        self.num_classes = num_classes
+        self.ipc = images.shape[0] // num_classes
+        self.labels = torch.arange(num_classes, device=images.device).repeat_interleave(self.ipc)
+
+    @classmethod
+    def initial(cls, data: RealData, ipc: int, init: str, generator: torch.Generator) -> SyntheticSet:
+        """Random real training images of each class (``init="real"``) or standard Gaussian noise."""
+        info = data.info
+        if init == "real":
+            index = random_per_class(data.train.labels, info.num_classes, ipc, generator).to(data.train.images.device)
+            images = data.train.images[index]
+        else:
+            images = torch.randn(info.num_classes * ipc, info.channels, info.image_size, info.image_size, generator=generator)
+        return cls(images.to(data.train.images.device), info.num_classes)
+
+    def of_class(self, c: int) -> torch.Tensor:
+        return self.images[c * self.ipc : (c + 1) * self.ipc]
+
+
+class RealSampler:
+    """Random real training images of one class (global RNG)."""
+
+    def __init__(self, data: RealData):
+        self.images = data.train.images
+        self.index = [i.to(self.images.device) for i in class_indices(data.train.labels.cpu(), data.info.num_classes)]
+
+    def sample(self, c: int, n: int) -> torch.Tensor:
+        index = self.index[c]
+        return self.images[index[torch.randperm(len(index))[:n].to(index.device)]]
+
+
+@dataclass
+class Context:
+    """What a method works with; built by the runner."""
+
+    config: DistillConfig
+    data: RealData
+    synthetic: SyntheticSet
+    sampler: RealSampler
+    regularizer: CMIRegularizer | None = None
+
+    def fresh_model(self) -> nn.Module:
+        """A newly initialised network of ``config.model`` on the data's device (global RNG)."""
+        info = self.data.info
+        return self.config.model.build(info.channels, info.num_classes, info.image_size).to(self.data.train.images.device)
+
+
+@dataclass(frozen=True)
+class NoOptions:
+    """A method without settings of its own."""
+
+
+class Method:
+    """One distillation method. ``step`` runs one iteration and updates the synthetic images.
+
+    The runner seeds the global RNG before each ``step``, so a method draws its randomness (fresh
+    networks, real batches, augmentation) from it. ``state_dict`` holds what a resumed run needs
+    beyond the images (optimizer state; learnable extras such as MTT's learning rate).
+    """
+
+    name: ClassVar[str] = ""
+    Options: ClassVar[type] = NoOptions
+
+    def __init__(self, ctx: Context):
+        self.ctx = ctx
+        config = ctx.config
+        self.options = self.read_options(config.options)
+        self.dsa = DSA() if config.dsa else None
+        self.optimizer = torch.optim.SGD([ctx.synthetic.images], lr=config.image_lr, momentum=config.image_momentum)
+
+    @classmethod
+    def read_options(cls, options) -> Any:
+        """The method's Options from a config value: an instance, a dict of settings, or None (defaults)."""
+        if options is None:
+            return cls.Options()
+        if isinstance(options, dict):
+            return from_dict(cls.Options, options)
+        if not isinstance(options, cls.Options):
+            raise TypeError(f"options for method {cls.name!r} must be {cls.Options.__name__}, got {type(options).__name__}")
+        return options
+
+    @classmethod
+    def preset(cls, name: str, dataset: str, ipc: int) -> dict[str, Any]:
+        """DistillConfig fields of preset ``name`` ("upstream" or "quick") for this method."""
+        raise NotImplementedError
+
+    def step(self, iteration: int) -> dict[str, float]:
+        """One iteration; returns the values to log (at least ``loss``)."""
+        raise NotImplementedError
+
+    def eval_lr(self) -> float | None:
+        """A learning rate the evaluation must use (learned by the method), or None to choose one."""
+        return None
+
+    def state_dict(self) -> dict:
+        return {"optimizer": self.optimizer.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.optimizer.load_state_dict(state["optimizer"])
+
+    def regularize(self) -> tuple[torch.Tensor | float, dict[str, float]]:
+        """The CMI term on the un-augmented synthetic set (0 without a regulariser) and its log."""
+        reg = self.ctx.regularizer
+        if reg is None:
+            return 0.0, {}
+        syn = self.ctx.synthetic
+        weighted, cmi = reg(syn.images, syn.labels)
+        return weighted, {"cmi": float(cmi)}
+
+    def update_images(self, loss: torch.Tensor) -> None:
+        """One optimizer step on the synthetic images (gradients reach nothing else)."""
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward(inputs=[self.ctx.synthetic.images])
+        self.optimizer.step()

@@ -1,0 +1,120 @@
+"""Gradient matching: DC (Zhao, Mopuri & Bilen 2021) and DSA (the same with Siamese augmentation).
+
+Each iteration starts a fresh network; ``outer_loop`` times, the per-class gradients of the
+cross-entropy on real and synthetic batches are matched layer by layer and the images take one
+step, then (except after the last) the network trains ``inner_loop`` epochs on the synthetic set.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..evaluate import train_network
+from .common import Method, register
+
+# (outer_loop, inner_loop) of the reference code per IPC
+UPSTREAM_LOOPS = {1: (1, 1), 10: (10, 50), 50: (50, 10)}
+
+
+@dataclass(frozen=True)
+class GradientMatchingOptions:
+    outer_loop: int = 10
+    inner_loop: int = 50
+    net_lr: float = 0.01  # SGD on the network between outer steps
+    train_batch: int = 256  # batch size of those network updates
+
+    def __post_init__(self):
+        if self.outer_loop < 1 or self.inner_loop < 0 or self.train_batch < 1:
+            raise ValueError(f"need outer_loop >= 1, inner_loop >= 0, train_batch >= 1, got {self}")
+
+
+def gradient_distance(syn_grads: Sequence[torch.Tensor], real_grads: Sequence[torch.Tensor], eps: float = 1e-6) -> torch.Tensor:
+    """sum over layers and output rows of (1 - cos) between the gradients; 1-D parameters are ignored.
+
+    Each gradient is reshaped to (out, -1) (conv: (out, in * kh * kw)).
+    """
+    total = syn_grads[0].new_zeros(())
+    for gs, gr in zip(syn_grads, real_grads, strict=True):
+        if gs.dim() < 2:
+            continue
+        gs, gr = gs.reshape(gs.shape[0], -1), gr.reshape(gr.shape[0], -1)
+        cos = (gs * gr).sum(-1) / (gs.norm(dim=-1) * gr.norm(dim=-1) + eps)
+        total = total + (1 - cos).sum()
+    return total
+
+
+def matching_loss(network: nn.Module, real: Sequence[torch.Tensor], syn: Sequence[torch.Tensor]) -> torch.Tensor:
+    """Gradient-matching loss summed over classes; ``real[c]`` and ``syn[c]`` are images of class c.
+
+    Differentiable with respect to the synthetic images (the real gradients are constants).
+    """
+    params = [p for p in network.parameters() if p.requires_grad]
+    total = None
+    for c, (real_c, syn_c) in enumerate(zip(real, syn, strict=True)):
+        real_loss = F.cross_entropy(network(real_c), torch.full((len(real_c),), c, device=real_c.device))
+        real_grads = [g.detach() for g in torch.autograd.grad(real_loss, params)]
+        syn_loss = F.cross_entropy(network(syn_c), torch.full((len(syn_c),), c, device=syn_c.device))
+        syn_grads = torch.autograd.grad(syn_loss, params, create_graph=True)
+        distance = gradient_distance(syn_grads, real_grads)
+        total = distance if total is None else total + distance
+    return total
+
+
+class GradientMatching(Method):
+    Options = GradientMatchingOptions
+
+    def __init__(self, ctx):
+        super().__init__(ctx)
+        if ctx.config.model.norm == "batchnorm":
+            raise ValueError(f"method {self.name!r} matches per-class gradients and does not support norm='batchnorm'; use instancenorm or none")
+
+    @classmethod
+    def preset(cls, name: str, dataset: str, ipc: int) -> dict[str, Any]:
+        if name == "quick":
+            return {"iterations": 20, "image_lr": 0.1, "real_per_class": 64, "dsa": cls.name == "dsa",
+                    "options": GradientMatchingOptions(outer_loop=2, inner_loop=5)}
+        if ipc not in UPSTREAM_LOOPS:
+            raise ValueError(f"the upstream {cls.name} loops are defined for ipc in {sorted(UPSTREAM_LOOPS)}, got {ipc}; use preset quick with --set options.outer_loop=... --set options.inner_loop=...")
+        outer, inner = UPSTREAM_LOOPS[ipc]
+        return {"iterations": 1000, "image_lr": 0.1, "image_momentum": 0.5, "real_per_class": 256, "dsa": cls.name == "dsa",
+                "options": GradientMatchingOptions(outer_loop=outer, inner_loop=inner)}
+
+    def step(self, iteration: int) -> dict[str, float]:
+        ctx, config, options = self.ctx, self.ctx.config, self.options
+        syn = ctx.synthetic
+        network = ctx.fresh_model()
+        totals: dict[str, float] = {}
+        for outer in range(options.outer_loop):
+            real, fake = [], []
+            for c in range(ctx.data.info.num_classes):
+                real_c, syn_c = ctx.sampler.sample(c, config.real_per_class), syn.of_class(c)
+                if self.dsa is not None:
+                    real_c, syn_c = self.dsa(real_c, syn_c)
+                real.append(real_c)
+                fake.append(syn_c)
+            match = matching_loss(network, real, fake)
+            reg, logs = self.regularize()
+            loss = match + reg
+            self.update_images(loss)
+            for key, value in {"loss": loss.item(), "match": match.item(), **logs}.items():
+                totals[key] = totals.get(key, 0.0) + value / options.outer_loop
+            if outer < options.outer_loop - 1 and options.inner_loop:
+                train_network(network, syn.images.detach(), syn.labels, epochs=options.inner_loop, lr=options.net_lr,
+                              batch_size=options.train_batch, momentum=0.0, weight_decay=0.0, dsa=self.dsa, decay_at_half=False)
+        return totals
+
+
+@register
+class DC(GradientMatching):
+    name = "dc"
+
+
+@register
+class DSAMethod(GradientMatching):
+    name = "dsa"

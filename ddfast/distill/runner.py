@@ -1,0 +1,223 @@
+"""Run a distillation method end to end: data, pre-trained pool, iterations with checkpoints and
+validation-based checkpoint choice, final evaluation against the random-real baseline, outputs.
+
+Files in ``out_dir``: ``checkpoint.pt`` (rewritten atomically every ``checkpoint_every``
+iterations; a rerun with the same settings resumes from it), and at the end ``synthetic.pt`` (the
+set chosen on the validation split), ``synthetic.png`` and ``results.json``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import platform
+import time
+from pathlib import Path
+
+import torch
+from .. import checkpoint
+from ..data import RealData, load
+from ..evaluate import evaluate, evaluate_with_baseline
+from ..pretrain import pretrained_pool
+from ..progress import bar, logger
+from ..seeding import derive_seed, seeded
+from ..settings import to_dict
+from .cmi import CMIRegularizer
+from .common import Context, RealSampler, SyntheticSet, method_class
+from .config import DistillConfig
+from .outputs import save_grid, save_synthetic
+
+CHECKPOINT = "checkpoint.pt"
+FORMAT = "ddfast-distill-checkpoint/1"
+CHECKPOINT_SECONDS = 300  # also checkpoint at least this often
+SPLIT_SEED = 0  # the validation split (and pre-trained pools) are shared by runs of every seed
+
+
+def resolve_device(device: str | torch.device | None) -> torch.device:
+    """``device``, or cuda when available, else cpu."""
+    if device is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {device} asked for, but CUDA is not available here")
+    return device
+
+
+def load_data(config: DistillConfig, root=None, download: bool = False) -> RealData:
+    """The run's real data: train / validation / test split as the settings say."""
+    return load(config.dataset, root, val_per_class=config.val_per_class, seed=SPLIT_SEED,
+                train_per_class=config.train_per_class, test_per_class=config.test_per_class, download=download)
+
+
+def data_key(config: DistillConfig) -> dict:
+    """What identifies the real training split of ``config`` (for caches)."""
+    return {"dataset": config.dataset, "val_per_class": config.val_per_class, "train_per_class": config.train_per_class, "split_seed": SPLIT_SEED}
+
+
+def pretrain(config: DistillConfig, data: RealData, *, cache_dir: str | os.PathLike | None = None, quiet: bool = False) -> list[torch.nn.Module]:
+    """The CMI regulariser's pool of pre-trained networks for ``config`` (trained once, then cached)."""
+    if config.cmi is None:
+        raise ValueError("the settings have no CMI regulariser (cmi is None), so there is no pool to pre-train")
+    return pretrained_pool(config.cmi.pretrain, data, data_key(config), cache=cache_dir, quiet=quiet)
+
+
+def run(
+    config: DistillConfig,
+    out_dir: str | os.PathLike,
+    *,
+    data_root: str | os.PathLike | None = None,
+    download: bool = False,
+    device: str | torch.device | None = None,
+    cache_dir: str | os.PathLike | None = None,
+    quiet: bool = False,
+    restart: bool = False,
+    stop_after: int | None = None,
+    final: bool = True,
+) -> dict:
+    """Distill with ``config``, writing to ``out_dir``; returns the results (also in results.json).
+
+    ``restart`` ignores an existing checkpoint. ``stop_after`` stops (checkpointed) once that many
+    iterations are done, as a kill would. ``final=False`` skips the test-set evaluation (sweeps).
+    """
+    session: dict[str, dict[str, float]] = {}  # this call's timings; distill / select accumulate in progress
+    out = Path(out_dir)
+    device = resolve_device(device)
+    log = logger(quiet)
+    method_cls = method_class(config.method)
+    with timed(session, "data"):
+        data = load_data(config, data_root, download).to(device)
+    regularizer = None
+    if config.cmi is not None:
+        with timed(session, "pretrain"):
+            regularizer = CMIRegularizer(pretrain(config, data, cache_dir=cache_dir, quiet=quiet), config.cmi, data.info.num_classes)
+
+    generator = torch.Generator().manual_seed(derive_seed(config.seed, "init"))
+    synthetic = SyntheticSet.initial(data, config.ipc, config.init, generator)
+    method = method_cls(Context(config, data, synthetic, RealSampler(data), regularizer))
+    settings = to_dict(config)
+    progress = {"iteration": 0, "history": [], "selection": [], "best": None, "seconds": {}}
+    state = None if restart else checkpoint.load(out / CHECKPOINT)
+    if state is not None:
+        _check_resumable(state, settings, out / CHECKPOINT)
+        with torch.no_grad():
+            synthetic.images.copy_(state["images"].to(device))
+        method.load_state_dict(state["method"])
+        progress = state["progress"]
+        log(f"resuming from {out / CHECKPOINT} at iteration {progress['iteration']}")
+
+    def save_checkpoint():
+        checkpoint.save({"format": FORMAT, "settings": settings, "images": synthetic.images.detach().cpu(),
+                         "method": method.state_dict(), "progress": progress}, out / CHECKPOINT)
+
+    if not _iterate(config, method, data, progress, save_checkpoint, stop_after, log, quiet):
+        return {"status": "stopped", "iteration": progress["iteration"], "checkpoint": str(out / CHECKPOINT)}
+
+    best = progress["best"]
+    images = best["images"].to(device)
+    save_synthetic(out / "synthetic.pt", images, synthetic.labels, data.info, settings, iteration=best["iteration"], eval_lr=best["eval_lr"])
+    save_grid(out / "synthetic.png", images, data.info, per_row=config.ipc)
+    results = {
+        "status": "done",
+        "settings": settings,
+        "environment": _environment(device),
+        "iterations": progress["iteration"],
+        "loss": {"first": progress["history"][0], "last": progress["history"][-1], "history": progress["history"]},
+        "selection": progress["selection"],
+        "chosen_iteration": best["iteration"],
+        "chosen_val_accuracy": best["val_accuracy"],
+    }
+    if final:
+        with timed(session, "evaluate"):
+            results["evaluation"] = ev = evaluate_with_baseline(images, synthetic.labels, data, config.evaluation, seed=config.seed,
+                                                                lr=best["eval_lr"], progress=not quiet)
+        log(f"test accuracy: distilled {100 * ev['synthetic']['test_mean']:.2f} +- {100 * ev['synthetic']['test_std']:.2f}, "
+            f"random real {100 * ev['random_real']['test_mean']:.2f} +- {100 * ev['random_real']['test_std']:.2f} "
+            f"(improvement {100 * ev['improvement']:+.2f} points)")
+    results["seconds"] = {**session, **progress["seconds"]}
+    checkpoint.save_json(results, out / "results.json")
+    return results
+
+
+def _iterate(config: DistillConfig, method, data: RealData, progress: dict, save_checkpoint, stop_after, log, quiet: bool) -> bool:
+    """Run the remaining iterations with validation and checkpoints; False when stopped by ``stop_after``."""
+    last_save = time.perf_counter()
+    with bar(config.iterations, f"{config.method} {config.dataset} ipc {config.ipc}", enabled=not quiet, initial=progress["iteration"]) as progress_bar:
+        while progress["iteration"] < config.iterations:
+            iteration = progress["iteration"]
+            with timed(progress["seconds"], "distill"), seeded(derive_seed(config.seed, "iteration", iteration), data.train.images.device):
+                logs = method.step(iteration)
+            if not math.isfinite(logs["loss"]):
+                raise FloatingPointError(f"loss became {logs['loss']} at iteration {iteration}; the last checkpoint holds the last good state")
+            progress["history"].append(logs)
+            progress["iteration"] = done = iteration + 1
+            progress_bar.update(1)
+            progress_bar.set_postfix({k: f"{v:.4g}" for k, v in logs.items()})
+            selected = done == config.iterations or (config.select_every and done % config.select_every == 0)
+            if selected:
+                with timed(progress["seconds"], "select"):
+                    _select(progress, method, data, config, quiet)
+                log(f"iteration {done}: validation accuracy {progress['selection'][-1]['val_accuracy']:.4f}")
+            stopping = stop_after is not None and done >= stop_after
+            if selected or stopping or done % config.checkpoint_every == 0 or time.perf_counter() - last_save > CHECKPOINT_SECONDS:
+                save_checkpoint()
+                last_save = time.perf_counter()
+            if stopping and done < config.iterations:
+                return False
+    return True
+
+
+@contextlib.contextmanager
+def timed(record: dict, name: str):
+    """Add the block's wall-clock and process CPU time (all threads) to ``record[name]``, in seconds."""
+    wall, cpu = time.perf_counter(), time.process_time()
+    try:
+        yield
+    finally:
+        entry = record.setdefault(name, {"wall": 0.0, "cpu": 0.0})
+        entry["wall"] += time.perf_counter() - wall
+        entry["cpu"] += time.process_time() - cpu
+
+
+def _select(progress: dict, method, data: RealData, config: DistillConfig, quiet: bool) -> None:
+    """Validate the current synthetic set; keep it as the best if its validation accuracy is the highest so far."""
+    synthetic = method.ctx.synthetic
+    eval_lr = method.eval_lr()
+    accuracy = evaluate(synthetic.images, synthetic.labels, data, config.evaluation, seed=config.seed, lr=eval_lr, test=False,
+                        models=config.select_models, progress=not quiet)
+    record = {"iteration": progress["iteration"], "val_accuracy": accuracy.val_mean, "lr": accuracy.lr}
+    progress["selection"].append(record)
+    best = progress["best"]
+    if best is None or record["val_accuracy"] > best["val_accuracy"]:
+        progress["best"] = {**record, "eval_lr": eval_lr, "images": synthetic.images.detach().cpu().clone()}
+
+
+def _check_resumable(state: dict, settings: dict, path: Path) -> None:
+    if state.get("format") != FORMAT:
+        raise ValueError(f"{path} is not a ddfast distillation checkpoint (format {state.get('format')!r})")
+    if state["settings"] != settings:
+        changed = [f"{k}: {v!r} -> {w!r}" for k, v, w in _differences(state["settings"], settings)]
+        raise ValueError(f"{path} was written with other settings ({'; '.join(changed)}); pass restart=True (--restart) or use another output folder")
+
+
+def _differences(old, new, prefix=""):
+    if isinstance(old, dict) and isinstance(new, dict):
+        for key in sorted(set(old) | set(new)):
+            yield from _differences(old.get(key), new.get(key), f"{prefix}{key}.")
+    elif old != new:
+        yield prefix.rstrip("."), old, new
+
+
+def _environment(device: torch.device) -> dict:
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else _cpu_name()
+    return {"torch": torch.__version__, "device": str(device), "device_name": name, "threads": torch.get_num_threads(), "cpus": os.cpu_count()}
+
+
+def _cpu_name() -> str:
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    return platform.processor() or platform.machine()
+
+

@@ -1,0 +1,35 @@
+"""Choose one setting on the validation split: distill once per value, keep the best, test only it."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from .. import checkpoint
+from ..settings import override
+from .config import DistillConfig
+from .runner import run
+
+
+def sweep(config: DistillConfig, path: str, values, out_dir: str | os.PathLike, **run_options) -> dict:
+    """Run ``config`` with the setting at dotted ``path`` set to each of ``values`` (in ``out_dir/<path>=<value>``).
+
+    Candidates are compared by the validation accuracy of their chosen checkpoint; only the winner
+    is evaluated on the test set (with the random-real baseline). Writes ``out_dir/sweep.json``.
+    ``run_options`` go to ``run`` (``restart`` restarts the candidates, not the winner's final evaluation).
+    """
+    values = list(values)
+    if not values:
+        raise ValueError(f"sweep over {path!r} needs at least one value")
+    out = Path(out_dir)
+    candidates = []
+    for value in values:
+        candidate = override(config, path, value)
+        folder = out / f"{path}={value}"
+        result = run(candidate, folder, final=False, **run_options)
+        candidates.append({"value": value, "val_accuracy": result["chosen_val_accuracy"], "chosen_iteration": result["chosen_iteration"], "out": str(folder)})
+    best = max(candidates, key=lambda c: c["val_accuracy"])
+    final = run(override(config, path, best["value"]), best["out"], **{**run_options, "restart": False})  # resumes at its end
+    summary = {"path": path, "candidates": candidates, "chosen": best, "evaluation": final["evaluation"], "seconds": final["seconds"]}
+    checkpoint.save_json(summary, out / "sweep.json")
+    return summary

@@ -1,0 +1,197 @@
+"""The evaluation protocol: train fresh networks on a small training set, test them on real data.
+
+``evaluate`` trains ``models`` fresh networks (SGD, momentum 0.9, weight decay 5e-4, batch 256,
+learning rate x0.1 at half the epochs, DSA optional) and reports accuracy mean +- std on the real
+validation and test sets. When several learning rates are offered, one network per rate is trained
+first and the rate is chosen on the validation split; the test set never takes part in a choice.
+``evaluate_with_baseline`` does the same for a random subset of real training images with as many
+images per class, with the same network seeds, so every result shows its improvement over random.
+"""
+
+from __future__ import annotations
+
+import statistics
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .augment import DSA
+from .data import RealData, Split, random_per_class
+from .models import ModelSpec
+from .progress import bar
+from .seeding import derive_seed, seeded
+
+
+@dataclass(frozen=True)
+class EvalProtocol:
+    model: ModelSpec = field(default_factory=ModelSpec)
+    epochs: int = 300
+    lrs: tuple[float, ...] = (0.01,)  # candidates, chosen on the validation split
+    models: int = 5
+    batch_size: int = 256
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    dsa: bool = False  # augment every training batch with DSA
+
+    def __post_init__(self):
+        if self.epochs < 1 or self.models < 1 or self.batch_size < 1:
+            raise ValueError(f"epochs, models and batch_size must be >= 1, got {self.epochs}, {self.models}, {self.batch_size}")
+        if not self.lrs or any(not lr > 0 for lr in self.lrs):
+            raise ValueError(f"lrs must be a non-empty tuple of positive learning rates, got {self.lrs}")
+
+
+@dataclass
+class Accuracy:
+    """Per-network accuracies (fractions in [0, 1]) of one evaluation, with their mean and std."""
+
+    lr: float
+    val: list[float]
+    test: list[float]
+    lr_search: dict[str, float] = field(default_factory=dict)  # candidate lr -> validation accuracy
+
+    @property
+    def val_mean(self) -> float:
+        return statistics.fmean(self.val)
+
+    @property
+    def test_mean(self) -> float:
+        return statistics.fmean(self.test) if self.test else float("nan")
+
+    @property
+    def test_std(self) -> float:
+        return statistics.pstdev(self.test) if self.test else float("nan")
+
+    def summary(self) -> dict:
+        return {**asdict(self), "val_mean": self.val_mean, "test_mean": self.test_mean, "test_std": self.test_std}
+
+
+def train_network(
+    model: nn.Module,
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    epochs: int,
+    lr: float,
+    batch_size: int = 256,
+    momentum: float = 0.9,
+    weight_decay: float = 5e-4,
+    dsa: DSA | None = None,
+    decay_at_half: bool = True,
+    on_epoch: Callable[[int, nn.Module], None] | None = None,
+) -> nn.Module:
+    """SGD on (images (N, C, H, W), labels (N,)) in shuffled batches; lr x0.1 after half the epochs.
+
+    ``on_epoch(epoch, model)`` is called after each epoch (snapshots, logging). Uses the global RNG.
+    """
+    model.train()
+    optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum, weight_decay=weight_decay)
+    for epoch in range(epochs):
+        if decay_at_half and epoch == epochs // 2 and epoch > 0:
+            for group in optimizer.param_groups:
+                group["lr"] = lr * 0.1
+        order = torch.randperm(len(labels)).to(labels.device)
+        for start in range(0, len(labels), batch_size):
+            batch = order[start : start + batch_size]
+            x = images[batch]
+            if dsa is not None:
+                x = dsa(x)
+            loss = F.cross_entropy(model(x), labels[batch])
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+        if on_epoch is not None:
+            on_epoch(epoch, model)
+    return model
+
+
+@torch.no_grad()
+def accuracy(model: nn.Module, split: Split, batch_size: int = 1000) -> float:
+    """Fraction of ``split`` that ``model`` classifies correctly."""
+    model.eval()
+    correct = 0
+    for start in range(0, len(split), batch_size):
+        logits = model(split.images[start : start + batch_size])
+        correct += int((logits.argmax(1) == split.labels[start : start + batch_size]).sum())
+    model.train()
+    return correct / len(split)
+
+
+def evaluate(
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    data: RealData,
+    protocol: EvalProtocol,
+    *,
+    seed: int = 0,
+    lr: float | None = None,
+    test: bool = True,
+    models: int | None = None,
+    progress: bool = False,
+) -> Accuracy:
+    """Train ``protocol.models`` (or ``models``) fresh networks on (images, labels); validation and test accuracy.
+
+    ``lr`` fixes the learning rate (e.g. one learned by MTT) instead of choosing among ``protocol.lrs``.
+    ``test=False`` measures the validation split only (for choices during distillation).
+    Network k is initialised and shuffled with a seed derived from (seed, k), whatever the images.
+    ``progress`` shows a bar over the networks' epochs (on a terminal).
+    """
+    device = data.train.images.device
+    images, labels = images.detach().to(device), labels.to(device)
+    dsa = DSA() if protocol.dsa else None
+    info = data.info
+
+    search_lrs = protocol.lrs if lr is None and len(protocol.lrs) > 1 else ()
+    count = models or protocol.models
+    progress_bar = bar((len(search_lrs) + count) * protocol.epochs, "evaluating", enabled=progress, leave=False)
+
+    def train(k: int, rate: float, purpose: str) -> nn.Module:
+        with seeded(derive_seed(seed, purpose, k), device):
+            model = protocol.model.build(info.channels, info.num_classes, info.image_size).to(device)
+            return train_network(
+                model, images, labels, epochs=protocol.epochs, lr=rate, batch_size=protocol.batch_size,
+                momentum=protocol.momentum, weight_decay=protocol.weight_decay, dsa=dsa, on_epoch=lambda *_: progress_bar.update(1),
+            )
+
+    with progress_bar:
+        search = {repr(rate): accuracy(train(0, rate, "lr-search"), data.val) for rate in search_lrs}
+        if lr is None:
+            lr = float(max(search_lrs, key=lambda r: search[repr(r)])) if search_lrs else protocol.lrs[0]
+        result = Accuracy(lr=lr, val=[], test=[], lr_search=search)
+        for k in range(count):
+            model = train(k, lr, "eval")
+            result.val.append(accuracy(model, data.val))
+            if test:
+                result.test.append(accuracy(model, data.test))
+    return result
+
+
+def random_real(data: RealData, per_class: int, seed: int) -> Split:
+    """``per_class`` random real training images of every class (the baseline a distilled set must beat)."""
+    generator = torch.Generator().manual_seed(derive_seed(seed, "random-real"))
+    index = random_per_class(data.train.labels, data.info.num_classes, per_class, generator)
+    return data.train.subset(index.to(data.train.labels.device))
+
+
+def evaluate_with_baseline(
+    images: torch.Tensor, labels: torch.Tensor, data: RealData, protocol: EvalProtocol, *, seed: int = 0, lr: float | None = None,
+    progress: bool = False,
+) -> dict:
+    """Evaluate a synthetic set and, identically, a random real subset of the same size per class.
+
+    Returns {"synthetic": ..., "random_real": ..., "improvement": test mean difference} (fractions).
+    ``lr`` (e.g. MTT's learned rate) applies to the synthetic set only; the baseline chooses its own.
+    """
+    counts = torch.bincount(labels.cpu(), minlength=data.info.num_classes)
+    if int(counts.min()) != int(counts.max()):
+        raise ValueError(f"labels must have the same number of images per class for the baseline, got counts {counts.tolist()}")
+    synthetic = evaluate(images, labels, data, protocol, seed=seed, lr=lr, progress=progress)
+    baseline_set = random_real(data, int(counts[0]), seed)
+    baseline = evaluate(baseline_set.images, baseline_set.labels, data, protocol, seed=seed, progress=progress)
+    return {
+        "synthetic": synthetic.summary(),
+        "random_real": baseline.summary(),
+        "improvement": synthetic.test_mean - baseline.test_mean,
+    }

@@ -1,0 +1,57 @@
+"""Shared set-up of the loop tests: the real-data root (or a skip) and tiny run settings."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+
+from ddfast.data import data_root
+from ddfast.distill import DistillConfig, preset
+from ddfast.evaluate import EvalProtocol
+from ddfast.models import ModelSpec
+from ddfast.pretrain import PretrainSpec
+
+TINY_MODEL = ModelSpec(width=16)
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny networks run fastest on one thread, and far faster than two on a machine shared with other jobs."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def mnist_root():
+    """The data root holding MNIST, or skip the test saying where it looked."""
+    try:
+        root = data_root()
+    except FileNotFoundError as exc:
+        pytest.skip(f"real data unavailable: {exc}")
+    if not (root / "MNIST" / "raw").is_dir():
+        pytest.skip(f"MNIST is not under {root}")
+    return root
+
+
+def tiny_config(method: str = "dm", **changes) -> DistillConfig:
+    """A few hundred MNIST images, 2 images per class, narrow networks, a handful of iterations."""
+    config = dataclasses.replace(
+        preset(method, "mnist", 2, "quick"),
+        iterations=4,
+        real_per_class=16,
+        model=TINY_MODEL,
+        evaluation=EvalProtocol(model=TINY_MODEL, epochs=10, models=2),
+        select_every=2,
+        checkpoint_every=1,
+        val_per_class=10,
+        train_per_class=30,
+        test_per_class=20,
+    )
+    return dataclasses.replace(config, **changes)
+
+
+def tiny_pretrain() -> PretrainSpec:
+    return PretrainSpec(model=TINY_MODEL, pool=2, epochs=3, batch_size=32, train_per_class=30)

@@ -1,0 +1,98 @@
+import math
+
+import pytest
+import torch
+
+from ddfast.augment import DSA, OPERATIONS, DSAConfig
+from loops_support import one_thread  # noqa: F401  (autouse)
+
+
+def only(op: str, **settings) -> DSA:
+    return DSA(DSAConfig(operations=(op,), **settings))
+
+
+@pytest.mark.parametrize("op", OPERATIONS)
+def test_siamese_same_parameters_for_both_batches(op):
+    torch.manual_seed(0)
+    real = torch.randn(9, 3, 12, 12)
+    syn = real[:4].clone()
+    aug_real, aug_syn = only(op, flip=1.0 if op == "flip" else 0.5)(real, syn)
+    assert aug_real.shape == real.shape and aug_syn.shape == syn.shape
+    torch.testing.assert_close(aug_syn, aug_real[:4], rtol=0, atol=1e-6)
+    assert not torch.allclose(aug_real, real)  # it did transform
+
+
+@pytest.mark.parametrize("op", OPERATIONS)
+def test_differentiable(op):
+    dsa = only(op, flip=1.0 if op == "flip" else 0.5)
+    x = torch.randn(3, 2, 8, 8, dtype=torch.float64, requires_grad=True)
+    draw = dsa.draw(3, 8, 8, generator=torch.Generator().manual_seed(1))
+    assert torch.autograd.gradcheck(lambda t: dsa.apply(t, draw), (x,))
+    grad = torch.autograd.grad(dsa.apply(x, draw).square().sum(), x)[0]
+    assert grad.abs().sum() > 0
+
+
+def test_each_call_draws_new_parameters():
+    x = torch.randn(4, 1, 10, 10)
+    dsa = DSA()
+    outputs = [dsa(x, generator=torch.Generator().manual_seed(s)) for s in range(6)]
+    assert len({tuple(o.flatten()[:50].tolist()) for o in outputs}) == 6
+    again = dsa(x, generator=torch.Generator().manual_seed(3))
+    assert torch.equal(again, outputs[3])
+
+
+def test_parameter_ranges():
+    g = torch.Generator().manual_seed(0)
+    color = only("color").draw(4000, 28, 28, generator=g).values
+    assert -0.5 <= color["brightness"].min() < -0.45 and 0.45 < color["brightness"].max() <= 0.5
+    assert 0 <= color["saturation"].min() < 0.05 and 1.95 < color["saturation"].max() <= 2
+    assert 0.5 <= color["contrast"].min() < 0.55 and 1.45 < color["contrast"].max() <= 1.5
+    angle = only("rotate").draw(4000, 28, 28, generator=g).values["angle"]
+    assert angle.abs().max() <= math.radians(15) and angle.abs().max() > math.radians(14.5)
+    scale = only("scale").draw(4000, 28, 28, generator=g).values
+    assert 1 / 1.2 <= scale["sx"].min() < 0.85 and 1.18 < scale["sy"].max() <= 1.2
+    crop = only("crop").draw(4000, 32, 32, generator=g).values
+    assert crop["dx"].min() == -4 and crop["dx"].max() == 4  # 1/8 of 32
+    flips = only("flip").draw(4000, 28, 28, generator=g).values["flip"].float().mean()
+    assert 0.45 < flips < 0.55
+
+
+def test_crop_translates_with_zero_fill():
+    x = torch.zeros(1, 1, 8, 8)
+    x[0, 0, 2, 5] = 1.0
+    dsa = only("crop")
+    draw = dsa.draw(1, 8, 8)
+    draw.values = {"dy": torch.tensor([1]), "dx": torch.tensor([-1])}
+    out = dsa.apply(x, draw)
+    assert out[0, 0, 3, 4] == 1 and out.sum() == 1
+    draw.values = {"dy": torch.tensor([0]), "dx": torch.tensor([3])}
+    assert dsa.apply(x, draw).sum() == 0  # shifted out of the image
+
+
+def test_cutout_zeroes_half_the_side():
+    x = torch.ones(1, 2, 10, 10)
+    dsa = only("cutout")
+    draw = dsa.draw(1, 10, 10)
+    draw.values["top"], draw.values["left"] = torch.tensor([2]), torch.tensor([3])
+    out = dsa.apply(x, draw)
+    assert (out == 0).sum() == 2 * 5 * 5 and out[0, :, 2:7, 3:8].sum() == 0
+    draw.values["top"] = torch.tensor([-2])  # clipped at the border
+    assert (dsa.apply(x, draw) == 0).sum() == 2 * 3 * 5
+
+
+def test_scale_and_rotate_keep_the_centre():
+    x = torch.zeros(1, 1, 9, 9)
+    x[0, 0, 4, 4] = 1.0
+    for op in ("scale", "rotate"):
+        out = only(op)(x)
+        assert out[0, 0, 4, 4] == pytest.approx(1.0, abs=1e-5)
+
+
+def test_bad_batches_and_config():
+    with pytest.raises(ValueError, match="batch 1"):
+        DSA()(torch.randn(2, 1, 8, 8), torch.randn(2, 1, 9, 9))
+    with pytest.raises(ValueError, match="operations"):
+        DSAConfig(operations=("blur",))
+    dsa = DSA()
+    with pytest.raises(ValueError, match="parameters for 2 samples"):
+        dsa.apply(torch.randn(3, 1, 8, 8), dsa.draw(2, 8, 8))

@@ -1,0 +1,41 @@
+import dataclasses
+
+import pytest
+import torch
+
+import ddfast.pretrain as pretrain
+from ddfast.distill import load_data
+from loops_support import mnist_root, one_thread, tiny_config, tiny_pretrain  # noqa: F401  (one_thread: autouse)
+
+
+def test_pool_is_trained_once_then_loaded(tmp_path, monkeypatch, capsys):
+    mnist_root()
+    config = tiny_config()
+    data = load_data(config)
+    key = {"dataset": "mnist", "split": "tiny"}
+    pool = pretrain.pretrained_pool(tiny_pretrain(), data, key, cache=tmp_path)
+    messages = capsys.readouterr().err.splitlines()
+    assert len(pool) == 2 and len(list((tmp_path / "pretrained").glob("mnist-convnet-*.pt"))) == 2
+    assert all(not p.requires_grad for net in pool for p in net.parameters()) and not pool[0].training
+    assert not torch.equal(pool[0].classifier.weight, pool[1].classifier.weight)
+    accuracies = [float(m.split("validation accuracy ")[1].split(",")[0]) for m in messages]
+    assert all(a > 0.3 for a in accuracies), messages  # 10 classes: chance is 0.1
+
+    def no_training(*args, **kwargs):
+        raise AssertionError("a cached network was trained again")
+
+    monkeypatch.setattr(pretrain, "train_network", no_training)
+    again = pretrain.pretrained_pool(tiny_pretrain(), data, key, cache=tmp_path)
+    assert capsys.readouterr().err.count("loaded from") == 2
+    for a, b in zip(pool, again):
+        assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
+    with pytest.raises(AssertionError, match="trained again"):  # other settings, other networks
+        pretrain.pretrained_pool(dataclasses.replace(tiny_pretrain(), lr=0.02), data, key, cache=tmp_path, quiet=True)
+
+
+def test_cache_location(monkeypatch, tmp_path):
+    monkeypatch.setenv(pretrain.CACHE_ENV, str(tmp_path))
+    assert pretrain.cache_dir() == tmp_path
+    assert pretrain.cache_dir(tmp_path / "x") == tmp_path / "x"
+    with pytest.raises(ValueError, match="pool"):
+        pretrain.PretrainSpec(pool=0)
