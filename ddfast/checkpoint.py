@@ -35,15 +35,16 @@ def save(state: dict, path: str | os.PathLike) -> None:
         torch.save(state, tmp)
 
 
-def load(path: str | os.PathLike) -> dict | None:
+def load(path: str | os.PathLike, *, mmap: bool = False) -> dict | None:
     """The state saved at ``path`` (tensors on the CPU), or ``None`` when there is none.
 
     Only tensors and plain containers load (``weights_only``): a checkpoint cannot run code.
+    ``mmap`` maps the tensors' storage from the file instead of reading it (large, randomly accessed data).
     """
     path = Path(path)
     if not path.is_file():
         return None
-    return torch.load(path, map_location="cpu", weights_only=True)
+    return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
 
 
 def save_json(obj, path: str | os.PathLike) -> None:

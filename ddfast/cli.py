@@ -1,4 +1,4 @@
-"""Command line: ``ddfast distill``, ``ddfast evaluate``, ``ddfast pretrain`` (also ``python -m ddfast``)."""
+"""Command line: ``ddfast distill``, ``ddfast evaluate``, ``ddfast pretrain``, ``ddfast buffer`` (also ``python -m ddfast``)."""
 
 from __future__ import annotations
 
@@ -31,7 +31,7 @@ def _parser() -> argparse.ArgumentParser:
         p.add_argument("--data-root", help="folder holding the datasets (default: $DDFAST_DATA_ROOT, else ../shared/data)")
         p.add_argument("--download", action="store_true", help="download the dataset if it is missing")
         if cache:
-            p.add_argument("--cache-dir", help="pre-trained networks cache (default: $DDFAST_CACHE_DIR, else ~/.cache/ddfast)")
+            p.add_argument("--cache-dir", help="cache of pre-trained networks and expert buffers (default: $DDFAST_CACHE_DIR, else ~/.cache/ddfast)")
         p.add_argument("--quiet", action="store_true", help="no progress bars or messages")
 
     def config_options(p: argparse.ArgumentParser, *, method_required: bool) -> None:
@@ -39,8 +39,10 @@ def _parser() -> argparse.ArgumentParser:
         p.add_argument("--dataset", required=True, help=f"one of {sorted(DATASETS)}")
         p.add_argument("--ipc", type=int, required=method_required, default=10, help="synthetic images per class")
         p.add_argument("--preset", default="upstream", choices=PRESETS, help="hyperparameters (default: upstream)")
-        p.add_argument("--cmi", action="store_true", help="add the CMI regulariser with the preset's weight")
+        p.add_argument("--reg", action="append", default=[], choices=("cmi", "mim"), help="add a regulariser with the preset's weight: cmi or mim (MIM4DD); repeatable")
+        p.add_argument("--cmi", action="store_true", help="the same as --reg cmi")
         p.add_argument("--cmi-weight", type=float, help="add the CMI regulariser with this weight")
+        p.add_argument("--mim-weight", type=float, help="add the MIM4DD regulariser with this weight")
         p.add_argument("--iterations", type=int, help="override the preset's number of iterations")
         p.add_argument("--seed", type=int, help="override the seed (default 0)")
         p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override any setting, e.g. evaluation.models=3 or options.inner_loop=5 (repeatable)")
@@ -55,10 +57,18 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--stop-after", type=int, metavar="N", help="stop after N iterations, checkpointed, as a kill would")
     p.set_defaults(command=_distill, name="distill")
 
-    p = commands.add_parser("pretrain", help="train and cache the CMI regulariser's pool of networks")
+    p = commands.add_parser("pretrain", help="train and cache the regularisers' pools of networks (CMI unless --reg says otherwise)")
     config_options(p, method_required=False)
     run_options(p)
     p.set_defaults(command=_pretrain, name="pretrain")
+
+    p = commands.add_parser("buffer", help="train and cache MTT's expert trajectories",
+                            description="Train the expert trajectories an MTT run with these settings uses; rerunning resumes. "
+                                        "Processes given disjoint --shard values train disjoint experts at once.")
+    config_options(p, method_required=False)
+    run_options(p)
+    p.add_argument("--shard", default="0/1", metavar="I/N", help="train only the experts k with k %% N == I (default 0/1: all)")
+    p.set_defaults(command=_buffer, name="buffer", method="mtt")
 
     p = commands.add_parser("evaluate", help="evaluate a synthetic set against the random-real baseline")
     p.add_argument("synthetic", help="a synthetic.pt written by ddfast distill")
@@ -77,10 +87,13 @@ def _config(args):
     from .distill import preset
     from .settings import override
 
-    cmi_weight = args.cmi_weight
-    if args.name == "pretrain" and cmi_weight is None:
-        cmi_weight = 0.0  # the pool does not depend on the weight
-    config = preset(args.method, args.dataset, args.ipc, args.preset, cmi=args.cmi, cmi_weight=cmi_weight)
+    cmi, mim = args.cmi or "cmi" in args.reg, "mim" in args.reg
+    cmi_weight, mim_weight = args.cmi_weight, args.mim_weight
+    if args.name == "pretrain":  # the pools do not depend on the weights
+        cmi = cmi or not (mim or mim_weight is not None)
+        cmi_weight = 0.0 if cmi and cmi_weight is None else cmi_weight
+        mim_weight = 0.0 if mim and mim_weight is None else mim_weight
+    config = preset(args.method, args.dataset, args.ipc, args.preset, cmi=cmi, cmi_weight=cmi_weight, mim=mim, mim_weight=mim_weight)
     if args.iterations is not None:
         config = override(config, "iterations", args.iterations)
     if args.seed is not None:
@@ -106,7 +119,8 @@ def _distill(args) -> int:
     config = _config(args)
     if args.print_config:
         return _print_config(config)
-    out = args.out or f"runs/{config.method}-{config.dataset}-ipc{config.ipc}-{args.preset}{'-cmi' if config.cmi else ''}"
+    regs = "".join(f"-{name}" for name in ("cmi", "mim") if getattr(config, name) is not None)
+    out = args.out or f"runs/{config.method}-{config.dataset}-ipc{config.ipc}-{args.preset}{regs}"
     options = dict(data_root=args.data_root, download=args.download, device=args.device, cache_dir=args.cache_dir, quiet=args.quiet, restart=args.restart)
     if args.sweep:
         if args.stop_after is not None:
@@ -133,6 +147,24 @@ def _pretrain(args) -> int:
         return _print_config(config)
     data = load_data(config, args.data_root, args.download).to(resolve_device(args.device))
     pretrain(config, data, cache_dir=args.cache_dir, quiet=args.quiet)
+    return 0
+
+
+def _buffer(args) -> int:
+    from .buffers import parse_shard
+    from .distill import load_data, resolve_device
+    from .distill.mtt import MTT, expert_buffer
+    from .distill.runner import data_key
+
+    shard = parse_shard(args.shard)
+    if args.method != "mtt":
+        raise ValueError(f"expert buffers are for --method mtt, got {args.method!r}")
+    config = _config(args)
+    if args.print_config:
+        return _print_config(config)
+    data = load_data(config, args.data_root, args.download).to(resolve_device(args.device))
+    folder, _ = expert_buffer(MTT.read_options(config.options), config, data, data_key(config), cache_dir=args.cache_dir, shard=shard, quiet=args.quiet)
+    print(f"experts of shard {shard[0]}/{shard[1]} are in {folder}")
     return 0
 
 

@@ -17,6 +17,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .zca import ZCA
+
 ROOT_ENV = "DDFAST_DATA_ROOT"
 CHECKOUT_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 
@@ -64,15 +66,28 @@ class Split:
 
 @dataclass
 class RealData:
-    """A dataset ready for distillation: training part, validation part carved from it, test set."""
+    """A dataset ready for distillation: training part, validation part carved from it, test set.
+
+    ``zca`` is the whitening applied to all three when they are ZCA-whitened (``whiten``), else None.
+    """
 
     info: DatasetInfo
     train: Split
     val: Split
     test: Split
+    zca: ZCA | None = None
 
     def to(self, device: torch.device | str) -> RealData:
-        return RealData(self.info, self.train.to(device), self.val.to(device), self.test.to(device))
+        zca = self.zca.to(device) if self.zca is not None else None
+        return RealData(self.info, self.train.to(device), self.val.to(device), self.test.to(device), zca)
+
+
+def whiten(data: RealData, eps: float) -> RealData:
+    """``data`` ZCA-whitened with a whitening fitted on its training split (regularisation ``eps``)."""
+    if data.zca is not None:
+        raise ValueError("the data are already ZCA-whitened")
+    zca = ZCA.fit(data.train.images, eps)
+    return RealData(data.info, *(Split(zca(s.images), s.labels) for s in (data.train, data.val, data.test)), zca=zca)
 
 
 def dataset_info(name: str) -> DatasetInfo:

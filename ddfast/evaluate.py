@@ -86,25 +86,31 @@ def train_network(
 
     ``on_epoch(epoch, model)`` is called after each epoch (snapshots, logging). Uses the global RNG.
     """
-    model.train()
     optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum, weight_decay=weight_decay)
     for epoch in range(epochs):
         if decay_at_half and epoch == epochs // 2 and epoch > 0:
             for group in optimizer.param_groups:
                 group["lr"] = lr * 0.1
-        order = torch.randperm(len(labels)).to(labels.device)
-        for start in range(0, len(labels), batch_size):
-            batch = order[start : start + batch_size]
-            x = images[batch]
-            if dsa is not None:
-                x = dsa(x)
-            loss = F.cross_entropy(model(x), labels[batch])
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
+        train_epoch(model, optimizer, images, labels, batch_size=batch_size, dsa=dsa)
         if on_epoch is not None:
             on_epoch(epoch, model)
     return model
+
+
+def train_epoch(model: nn.Module, optimizer: torch.optim.Optimizer, images: torch.Tensor, labels: torch.Tensor, *, batch_size: int,
+                dsa: DSA | None = None) -> None:
+    """One pass over (images, labels) in shuffled batches (global RNG), each augmented by ``dsa`` when given."""
+    model.train()
+    order = torch.randperm(len(labels)).to(labels.device)
+    for start in range(0, len(labels), batch_size):
+        batch = order[start : start + batch_size]
+        x = images[batch]
+        if dsa is not None:
+            x = dsa(x)
+        loss = F.cross_entropy(model(x), labels[batch])
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
 
 
 @torch.no_grad()

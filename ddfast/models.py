@@ -1,7 +1,8 @@
 """Networks of the distillation loops: the ConvNet of the reference code and an instance-norm ResNet-18.
 
 Every model has ``embed(x) -> (N, F)`` (the flattened features before the classifier, what DM
-matches and CMI measures) and ``forward(x) -> (N, classes)`` logits. ``ModelSpec`` names a model
+matches and CMI measures) and ``forward(x) -> (N, classes)`` logits; the ConvNet also has
+``block_features(x)``, each block's feature map (what MIM4DD contrasts layer by layer). ``ModelSpec`` names a model
 with its settings so that configs, checkpoints and caches can record and rebuild it.
 """
 
@@ -47,9 +48,19 @@ class ConvNet(nn.Module):
             raise ValueError(f"depth {depth} pools {image_size}x{image_size} images below one pixel")
         self.features = nn.Sequential(*layers, nn.Flatten())
         self.classifier = nn.Linear(width * size * size, num_classes)
+        self.depth = depth
 
     def embed(self, x: torch.Tensor) -> torch.Tensor:
         return self.features(x)
+
+    def block_features(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """The output of each Conv-norm-ReLU-pool block: ``depth`` tensors (N, width, s_l, s_l)."""
+        outputs = []
+        for d in range(self.depth):
+            for layer in self.features[4 * d : 4 * d + 4]:
+                x = layer(x)
+            outputs.append(x)
+        return outputs
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.classifier(self.features(x))

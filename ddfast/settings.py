@@ -40,6 +40,20 @@ def override(settings, path: str, value: Any):
     return dataclasses.replace(settings, **{head: _coerce(hint, value, path)})
 
 
+def differences(old, new, prefix: str = ""):
+    """(dotted key, old value, new value) for every leaf where nested dicts ``old`` and ``new`` differ."""
+    if isinstance(old, dict) and isinstance(new, dict):
+        for key in sorted(set(old) | set(new)):
+            yield from differences(old.get(key), new.get(key), f"{prefix}{key}.")
+    elif old != new:
+        yield prefix.rstrip("."), old, new
+
+
+def describe_differences(old: dict, new: dict) -> str:
+    """``differences`` as text: ``key: old -> new; ...``."""
+    return "; ".join(f"{k}: {v!r} -> {w!r}" for k, v, w in differences(old, new))
+
+
 def _plain(value):
     if isinstance(value, dict):
         return {k: _plain(v) for k, v in value.items()}

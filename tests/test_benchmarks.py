@@ -54,3 +54,14 @@ def test_out_of_memory_and_failures_are_results(monkeypatch):
 def test_a_case_over_its_time_is_stopped_and_recorded():
     c = case.Case("infonce", "reference", {"N": 64, "M": 1024, "D": 32}, "float32", "cpu")
     assert case.isolated(c, timeout_s=0.01, memory_cap_bytes=None)["status"] == case.TIMEOUT
+
+
+def test_unroll_memory_writes_json_and_plot(tmp_path):
+    done = subprocess.run([sys.executable, "benchmarks/unroll_memory.py", "--device", "cpu", "--steps", "1", "3", "--ipc", "1", "--out", str(tmp_path)],
+                          cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    [json_path] = tmp_path.glob("*-unroll-memory.json")
+    rows = json.loads(json_path.read_text())["results"]
+    assert [(r["mode"], r["syn_steps"]) for r in rows] == [("standard", 1), ("standard", 3), ("constant", 1), ("constant", 3)]
+    assert all(r["peak_mib"] > 0 for r in rows)
+    assert json_path.with_suffix(".png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

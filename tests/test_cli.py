@@ -60,6 +60,9 @@ def test_print_config_applies_overrides(capsys):
     (["distill", "--method", "dm", "--dataset", "mnist", "--ipc", "10", "--data-root", "/nonexistent/data"], "/nonexistent/data/MNIST"),
     (["distill", "--method", "dm", "--dataset", "mnist", "--ipc", "10", "--sweep", "cmi.weight"], "--sweep takes KEY=V1,V2"),
     (["evaluate", "/nonexistent/synthetic.pt"], "no synthetic set at /nonexistent/synthetic.pt"),
+    (["distill", "--method", "mtt", "--dataset", "cifar10", "--ipc", "10", "--reg", "mim"], "pass mim_weight / --mim-weight"),
+    (["buffer", "--dataset", "mnist", "--shard", "3/2"], "shard must be i/n"),
+    (["buffer", "--dataset", "mnist", "--method", "dm"], "expert buffers are for --method mtt"),
 ])
 def test_errors_are_clear(args, message, capsys):
     with pytest.raises(SystemExit) as exit:
@@ -76,3 +79,23 @@ def test_pretrain_caches_the_pool(tmp_path, capsys):
     assert main(args) == 0
     assert "loaded from" in capsys.readouterr().err
     assert len(list((tmp_path / "pretrained").iterdir())) == 1
+
+
+def test_mtt_with_mim_prints_its_config(capsys):
+    assert main(["distill", "--method", "mtt", "--dataset", "mnist", "--ipc", "10", "--preset", "quick", "--reg", "mim", "--mim-weight", "0.5",
+                 "--set", "options.memory=constant", "--print-config"]) == 0
+    config = json.loads(capsys.readouterr().out)
+    assert config["mim"]["weight"] == 0.5 and config["options"]["memory"] == "constant" and config["cmi"] is None
+
+
+def test_buffer_trains_shards_into_the_cache(tmp_path, capsys):
+    mnist_root()
+    args = ["buffer", "--dataset", "mnist", "--preset", "quick", "--cache-dir", str(tmp_path), "--quiet", "--set", "train_per_class=30",
+            "--set", "val_per_class=10", "--set", "model.width=8", "--set", "options.experts.experts=2", "--set", "options.max_start_epoch=1", "--set", "options.experts.epochs=3",
+            "--set", "options.experts.train_per_class=20"]
+    assert main([*args, "--shard", "1/2"]) == 0
+    [folder] = (tmp_path / "buffers").iterdir()
+    assert f"experts of shard 1/2 are in {folder}" in capsys.readouterr().out
+    assert sorted(p.name for p in folder.glob("expert-*.pt")) == ["expert-0001.pt"]
+    assert main([*args, "--shard", "0/2"]) == 0
+    assert sorted(p.name for p in folder.glob("expert-*.pt")) == ["expert-0000.pt", "expert-0001.pt"]

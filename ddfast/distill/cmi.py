@@ -35,17 +35,32 @@ class CMIConfig:
 
 
 class CMIRegularizer:
-    """``reg(images, labels)`` -> (weight * CMI, CMI) with a network drawn from ``networks`` (global RNG)."""
+    """``reg(images, labels, iteration)`` -> (weight * CMI, {"cmi": CMI}) with a network drawn from ``networks`` (global RNG).
+
+    Stateless and without learnable parameters of its own (see ``common.Regularizer``).
+    """
 
     def __init__(self, networks: list[nn.Module], config: CMIConfig, num_classes: int):
         if not networks:
             raise ValueError("the CMI regulariser needs at least one pre-trained network")
         self.networks, self.config, self.num_classes = networks, config, num_classes
 
-    def __call__(self, images: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def __call__(self, images: torch.Tensor, labels: torch.Tensor, iteration: int = 0) -> tuple[torch.Tensor, dict[str, float]]:
         from .. import cmi_loss
 
         network = self.networks[int(torch.randint(len(self.networks), (1,)))]
         features = network.embed(images) if self.config.features == "embed" else network(images)
         cmi = cmi_loss(features, labels, self.num_classes, temperature=self.config.temperature)
-        return self.config.weight * cmi, cmi.detach()
+        return self.config.weight * cmi, {"cmi": cmi.item()}
+
+    def parameters(self) -> list[torch.Tensor]:
+        return []
+
+    def step(self) -> None:
+        pass
+
+    def state_dict(self) -> dict:
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        pass

@@ -2,14 +2,16 @@
 interface and its registry.
 
 A method is a class registered under a name; the runner (``ddfast.distill.run``) owns everything
-else: data, seeding, checkpoints, validation, evaluation and outputs. A new method (e.g. ``mtt``)
-subclasses ``Method``, implements ``step`` and its presets, and calls ``register``.
+else: data, seeding, checkpoints, validation, evaluation and outputs. A new method subclasses
+``Method``, implements ``step`` and its presets, and calls ``register``. Regularisers (CMI, MIM4DD)
+plug into any method through ``Method.regularize`` and ``Method.update_images``.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Any, ClassVar
+import os
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Protocol
 
 import torch
 from torch import nn
@@ -17,7 +19,6 @@ from torch import nn
 from ..augment import DSA
 from ..data import RealData, class_indices, random_per_class
 from ..settings import from_dict
-from .cmi import CMIRegularizer
 from .config import DistillConfig
 
 METHODS: dict[str, type[Method]] = {}
@@ -75,6 +76,21 @@ class RealSampler:
         return self.images[index[torch.randperm(len(index))[:n].to(index.device)]]
 
 
+class Regularizer(Protocol):
+    """A term added to a method's loss on the un-augmented synthetic set (``CMIRegularizer``, ``MIMRegularizer``).
+
+    ``reg(images, labels, iteration)`` -> (weighted term, values to log). ``parameters()`` are its own
+    learnable tensors, updated by ``step()`` after each backward pass; ``state_dict`` is what a
+    resumed run needs.
+    """
+
+    def __call__(self, images: torch.Tensor, labels: torch.Tensor, iteration: int) -> tuple[torch.Tensor, dict[str, float]]: ...
+    def parameters(self) -> list[torch.Tensor]: ...
+    def step(self) -> None: ...
+    def state_dict(self) -> dict: ...
+    def load_state_dict(self, state: dict) -> None: ...
+
+
 @dataclass
 class Context:
     """What a method works with; built by the runner."""
@@ -83,7 +99,10 @@ class Context:
     data: RealData
     synthetic: SyntheticSet
     sampler: RealSampler
-    regularizer: CMIRegularizer | None = None
+    regularizers: list[Regularizer] = field(default_factory=list)
+    data_key: dict = field(default_factory=dict)  # what identifies the real training split (for caches)
+    cache_dir: str | os.PathLike | None = None  # pre-trained networks and expert buffers
+    quiet: bool = False
 
     def fresh_model(self) -> nn.Module:
         """A newly initialised network of ``config.model`` on the data's device (global RNG)."""
@@ -101,7 +120,8 @@ class Method:
 
     The runner seeds the global RNG before each ``step``, so a method draws its randomness (fresh
     networks, real batches, augmentation) from it. ``state_dict`` holds what a resumed run needs
-    beyond the images (optimizer state; learnable extras such as MTT's learning rate).
+    beyond the images (optimizer states, the regularisers' states); a method with learnable extras
+    (MTT's learning rate) adds their optimizer to ``self.optimizers`` and their values to its state.
     """
 
     name: ClassVar[str] = ""
@@ -112,7 +132,7 @@ class Method:
         config = ctx.config
         self.options = self.read_options(config.options)
         self.dsa = DSA() if config.dsa else None
-        self.optimizer = torch.optim.SGD([ctx.synthetic.images], lr=config.image_lr, momentum=config.image_momentum)
+        self.optimizers = [torch.optim.SGD([ctx.synthetic.images], lr=config.image_lr, momentum=config.image_momentum)]
 
     @classmethod
     def read_options(cls, options) -> Any:
@@ -139,22 +159,31 @@ class Method:
         return None
 
     def state_dict(self) -> dict:
-        return {"optimizer": self.optimizer.state_dict()}
+        return {"optimizers": [o.state_dict() for o in self.optimizers], "regularizers": [r.state_dict() for r in self.ctx.regularizers]}
 
     def load_state_dict(self, state: dict) -> None:
-        self.optimizer.load_state_dict(state["optimizer"])
+        for optimizer, saved in zip(self.optimizers, state["optimizers"], strict=True):
+            optimizer.load_state_dict(saved)
+        for reg, saved in zip(self.ctx.regularizers, state["regularizers"], strict=True):
+            reg.load_state_dict(saved)
 
-    def regularize(self) -> tuple[torch.Tensor | float, dict[str, float]]:
-        """The CMI term on the un-augmented synthetic set (0 without a regulariser) and its log."""
-        reg = self.ctx.regularizer
-        if reg is None:
-            return 0.0, {}
-        syn = self.ctx.synthetic
-        weighted, cmi = reg(syn.images, syn.labels)
-        return weighted, {"cmi": float(cmi)}
+    def regularize(self, iteration: int) -> tuple[torch.Tensor | float, dict[str, float]]:
+        """The regularisers' terms on the un-augmented synthetic set (0 without any) and their logs."""
+        syn, total, logs = self.ctx.synthetic, 0.0, {}
+        for reg in self.ctx.regularizers:
+            term, values = reg(syn.images, syn.labels, iteration)
+            total, logs = total + term, {**logs, **values}
+        return total, logs
 
     def update_images(self, loss: torch.Tensor) -> None:
-        """One optimizer step on the synthetic images (gradients reach nothing else)."""
-        self.optimizer.zero_grad(set_to_none=True)
-        loss.backward(inputs=[self.ctx.synthetic.images])
-        self.optimizer.step()
+        """One step of every optimizer (images and the method's extras) and of the regularisers' own parameters."""
+        regs = self.ctx.regularizers
+        params = [p for o in self.optimizers for group in o.param_groups for p in group["params"]]
+        params += [p for reg in regs for p in reg.parameters()]
+        for p in params:
+            p.grad = None
+        loss.backward(inputs=params)
+        for optimizer in self.optimizers:
+            optimizer.step()
+        for reg in regs:
+            reg.step()

@@ -8,6 +8,7 @@ from typing import Any
 from ..evaluate import EvalProtocol
 from ..models import ModelSpec
 from .cmi import CMIConfig
+from .mim import MIMConfig
 
 INITS = ("real", "noise")
 
@@ -23,9 +24,11 @@ class DistillConfig:
     real_per_class: int = 256  # real images per class drawn each iteration
     dsa: bool = True  # differentiable Siamese augmentation inside the matching loss
     init: str = "real"  # synthetic set starts from random real images, or from Gaussian noise
+    zca: float | None = None  # ZCA-whiten all the data with this regularisation (MTT on CIFAR: 0.1); off when None
     model: ModelSpec = field(default_factory=ModelSpec)  # the network the method matches through
     options: Any = None  # the method's own settings (its Options dataclass)
     cmi: CMIConfig | None = None  # the CMI regulariser, off when None
+    mim: MIMConfig | None = None  # the MIM4DD regulariser, off when None
     evaluation: EvalProtocol = field(default_factory=EvalProtocol)
     select_every: int = 0  # validate the synthetic set every this many iterations (0: only at the end)
     select_models: int = 1  # networks per validation of a candidate set
@@ -43,5 +46,7 @@ class DistillConfig:
             raise ValueError(f"select_every must be >= 0, got {self.select_every}")
         if not self.image_lr > 0:
             raise ValueError(f"image_lr must be > 0, got {self.image_lr}")
+        if self.zca is not None and not self.zca > 0:
+            raise ValueError(f"zca must be None (off) or a regularisation > 0, got {self.zca}")
         if self.init not in INITS:
             raise ValueError(f"init must be one of {INITS}, got {self.init!r}")

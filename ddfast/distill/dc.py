@@ -99,7 +99,7 @@ class GradientMatching(Method):
                 real.append(real_c)
                 fake.append(syn_c)
             match = matching_loss(network, real, fake)
-            reg, logs = self.regularize()
+            reg, logs = self.regularize(iteration)
             loss = match + reg
             self.update_images(loss)
             for key, value in {"loss": loss.item(), "match": match.item(), **logs}.items():

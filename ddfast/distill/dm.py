@@ -41,7 +41,7 @@ class DM(Method):
             with torch.no_grad():
                 real_features = network.embed(real)
             match = match + mean_embedding_distance(real_features, network.embed(syn))
-        reg, logs = self.regularize()
+        reg, logs = self.regularize(iteration)
         loss = match + reg
         self.update_images(loss)
         return {"loss": loss.item(), "match": match.item(), **logs}

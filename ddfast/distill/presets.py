@@ -14,6 +14,7 @@ from ..pretrain import PretrainSpec
 from .cmi import CMIConfig
 from .common import method_class
 from .config import DistillConfig
+from .mim import MIMConfig
 
 PRESETS = ("upstream", "quick")
 
@@ -26,12 +27,18 @@ UPSTREAM_CMI_WEIGHTS = {("dm", "cifar10", 10): 8000.0, ("dm", "cifar10", 50): 20
 QUICK_CMI = {"weight": 10.0, "features": "logits"}
 QUICK_PRETRAIN = PretrainSpec(model=ModelSpec(), pool=1, epochs=1, train_per_class=500)
 
+# MIM4DD's weight (lambda) is not published. quick: a bank of 200 real images per class, refreshed
+# every 10 iterations, features of the same 1-epoch ConvNet as CMI's quick pool.
+QUICK_MIM = {"weight": 0.1, "bank_per_class": 200, "refresh_every": 10}
 
-def preset(method: str, dataset: str, ipc: int, name: str = "upstream", *, cmi: bool = False, cmi_weight: float | None = None) -> DistillConfig:
+
+def preset(method: str, dataset: str, ipc: int, name: str = "upstream", *, cmi: bool = False, cmi_weight: float | None = None,
+           mim: bool = False, mim_weight: float | None = None) -> DistillConfig:
     """The DistillConfig of preset ``name`` for ``method`` on ``dataset`` with ``ipc`` images per class.
 
     ``cmi=True`` adds the CMI regulariser with the preset's weight; ``cmi_weight`` sets the weight
     (and implies ``cmi``). Upstream weights exist for CIFAR-10 only: elsewhere pass ``cmi_weight``.
+    ``mim`` / ``mim_weight`` do the same for MIM4DD, whose upstream weight is not published.
     """
     if name not in PRESETS:
         raise ValueError(f"preset must be one of {PRESETS}, got {name!r}")
@@ -56,6 +63,8 @@ def preset(method: str, dataset: str, ipc: int, name: str = "upstream", *, cmi: 
         }
     if cmi or cmi_weight is not None:
         common["cmi"] = _cmi(method, info.name, ipc, name, cmi_weight)
+    if mim or mim_weight is not None:
+        common["mim"] = _mim(name, mim_weight)
     return DistillConfig(method=method, dataset=info.name, ipc=ipc, **fields, **common)
 
 
@@ -68,3 +77,11 @@ def _cmi(method: str, dataset: str, ipc: int, name: str, weight: float | None) -
             raise ValueError(f"no upstream CMI weight for {method} on {dataset} ipc {ipc} (known: {known}); pass cmi_weight / --cmi-weight, chosen on the validation split")
         weight = UPSTREAM_CMI_WEIGHTS[(method, dataset, ipc)]
     return CMIConfig(weight=weight)
+
+
+def _mim(name: str, weight: float | None) -> MIMConfig:
+    if name == "quick":
+        return MIMConfig(**{**QUICK_MIM, **({"weight": weight} if weight is not None else {})}, pretrain=QUICK_PRETRAIN)
+    if weight is None:
+        raise ValueError("MIM4DD's weight is not published; pass mim_weight / --mim-weight, chosen on the validation split (--sweep mim.weight=...)")
+    return MIMConfig(weight=weight)

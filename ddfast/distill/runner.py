@@ -17,13 +17,14 @@ from pathlib import Path
 
 import torch
 from .. import checkpoint
-from ..data import RealData, load
+from ..data import RealData, load, whiten
 from ..evaluate import evaluate, evaluate_with_baseline
 from ..pretrain import pretrained_pool
 from ..progress import bar, logger
 from ..seeding import derive_seed, seeded
-from ..settings import to_dict
+from ..settings import describe_differences, to_dict
 from .cmi import CMIRegularizer
+from .mim import MIMRegularizer
 from .common import Context, RealSampler, SyntheticSet, method_class
 from .config import DistillConfig
 from .outputs import save_grid, save_synthetic
@@ -45,21 +46,37 @@ def resolve_device(device: str | torch.device | None) -> torch.device:
 
 
 def load_data(config: DistillConfig, root=None, download: bool = False) -> RealData:
-    """The run's real data: train / validation / test split as the settings say."""
-    return load(config.dataset, root, val_per_class=config.val_per_class, seed=SPLIT_SEED,
+    """The run's real data: train / validation / test split as the settings say, ZCA-whitened when they say so."""
+    data = load(config.dataset, root, val_per_class=config.val_per_class, seed=SPLIT_SEED,
                 train_per_class=config.train_per_class, test_per_class=config.test_per_class, download=download)
+    return whiten(data, config.zca) if config.zca is not None else data
 
 
 def data_key(config: DistillConfig) -> dict:
     """What identifies the real training split of ``config`` (for caches)."""
-    return {"dataset": config.dataset, "val_per_class": config.val_per_class, "train_per_class": config.train_per_class, "split_seed": SPLIT_SEED}
+    key = {"dataset": config.dataset, "val_per_class": config.val_per_class, "train_per_class": config.train_per_class, "split_seed": SPLIT_SEED}
+    return key if config.zca is None else {**key, "zca": config.zca}
 
 
-def pretrain(config: DistillConfig, data: RealData, *, cache_dir: str | os.PathLike | None = None, quiet: bool = False) -> list[torch.nn.Module]:
-    """The CMI regulariser's pool of pre-trained networks for ``config`` (trained once, then cached)."""
-    if config.cmi is None:
-        raise ValueError("the settings have no CMI regulariser (cmi is None), so there is no pool to pre-train")
-    return pretrained_pool(config.cmi.pretrain, data, data_key(config), cache=cache_dir, quiet=quiet)
+def pretrain(config: DistillConfig, data: RealData, *, cache_dir: str | os.PathLike | None = None, quiet: bool = False) -> dict[str, list[torch.nn.Module]]:
+    """The regularisers' pools of pre-trained networks for ``config`` (trained once, then cached), by name ("cmi", "mim")."""
+    specs = {name: reg.pretrain for name, reg in (("cmi", config.cmi), ("mim", config.mim)) if reg is not None}
+    if not specs:
+        raise ValueError("the settings have no regulariser (cmi and mim are None), so there is no pool to pre-train")
+    return {name: pretrained_pool(spec, data, data_key(config), cache=cache_dir, quiet=quiet) for name, spec in specs.items()}
+
+
+def regularizers(config: DistillConfig, data: RealData, *, cache_dir: str | os.PathLike | None = None, quiet: bool = False) -> list:
+    """The regularisers ``config`` asks for, with their pre-trained networks."""
+    if config.cmi is None and config.mim is None:
+        return []
+    pools = pretrain(config, data, cache_dir=cache_dir, quiet=quiet)
+    regs = []
+    if config.cmi is not None:
+        regs.append(CMIRegularizer(pools["cmi"], config.cmi, data.info.num_classes))
+    if config.mim is not None:
+        regs.append(MIMRegularizer(pools["mim"], config.mim, data, seed=config.seed))
+    return regs
 
 
 def run(
@@ -87,14 +104,13 @@ def run(
     method_cls = method_class(config.method)
     with timed(session, "data"):
         data = load_data(config, data_root, download).to(device)
-    regularizer = None
-    if config.cmi is not None:
-        with timed(session, "pretrain"):
-            regularizer = CMIRegularizer(pretrain(config, data, cache_dir=cache_dir, quiet=quiet), config.cmi, data.info.num_classes)
+    with timed(session, "pretrain"):
+        regs = regularizers(config, data, cache_dir=cache_dir, quiet=quiet)
 
     generator = torch.Generator().manual_seed(derive_seed(config.seed, "init"))
     synthetic = SyntheticSet.initial(data, config.ipc, config.init, generator)
-    method = method_cls(Context(config, data, synthetic, RealSampler(data), regularizer))
+    with timed(session, "prepare"):  # e.g. MTT's expert buffer, trained here when missing
+        method = method_cls(Context(config, data, synthetic, RealSampler(data), regs, data_key(config), cache_dir, quiet))
     settings = to_dict(config)
     progress = {"iteration": 0, "history": [], "selection": [], "best": None, "seconds": {}}
     state = None if restart else checkpoint.load(out / CHECKPOINT)
@@ -116,7 +132,7 @@ def run(
     best = progress["best"]
     images = best["images"].to(device)
     save_synthetic(out / "synthetic.pt", images, synthetic.labels, data.info, settings, iteration=best["iteration"], eval_lr=best["eval_lr"])
-    save_grid(out / "synthetic.png", images, data.info, per_row=config.ipc)
+    save_grid(out / "synthetic.png", data.zca.invert(images) if data.zca is not None else images, data.info, per_row=config.ipc)
     results = {
         "status": "done",
         "settings": settings,
@@ -196,16 +212,7 @@ def _check_resumable(state: dict, settings: dict, path: Path) -> None:
     if state.get("format") != FORMAT:
         raise ValueError(f"{path} is not a ddfast distillation checkpoint (format {state.get('format')!r})")
     if state["settings"] != settings:
-        changed = [f"{k}: {v!r} -> {w!r}" for k, v, w in _differences(state["settings"], settings)]
-        raise ValueError(f"{path} was written with other settings ({'; '.join(changed)}); pass restart=True (--restart) or use another output folder")
-
-
-def _differences(old, new, prefix=""):
-    if isinstance(old, dict) and isinstance(new, dict):
-        for key in sorted(set(old) | set(new)):
-            yield from _differences(old.get(key), new.get(key), f"{prefix}{key}.")
-    elif old != new:
-        yield prefix.rstrip("."), old, new
+        raise ValueError(f"{path} was written with other settings ({describe_differences(state['settings'], settings)}); pass restart=True (--restart) or use another output folder")
 
 
 def _environment(device: torch.device) -> dict:
