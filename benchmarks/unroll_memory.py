@@ -15,6 +15,7 @@ import argparse
 import datetime
 import json
 import multiprocessing
+import queue as queue_module
 import sys
 from pathlib import Path
 
@@ -56,16 +57,25 @@ def _child(args, queue) -> None:
     queue.put(peak(*args))
 
 
-def isolated(mode: str, steps: int, ipc: int, device: str) -> int:
+def isolated(mode: str, steps: int, ipc: int, device: str) -> int | None:
+    """``peak`` in a fresh process on the CPU (None when that process dies, e.g. out of memory)."""
     if device != "cpu":
-        return peak(mode, steps, ipc, device)
+        try:
+            return peak(mode, steps, ipc, device)
+        except torch.OutOfMemoryError:
+            return None
     context = multiprocessing.get_context("spawn")
     queue = context.Queue()
     process = context.Process(target=_child, args=((mode, steps, ipc, device), queue))
     process.start()
-    value = queue.get()
-    process.join()
-    return value
+    while process.is_alive() or not queue.empty():
+        try:
+            value = queue.get(timeout=1)
+        except queue_module.Empty:
+            continue
+        process.join()
+        return value
+    return None
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -81,9 +91,10 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
     for mode in MODES:
         for steps in args.steps:
-            mib = isolated(mode, steps, args.ipc, args.device) / 2**20
+            peak_bytes = isolated(mode, steps, args.ipc, args.device)
+            mib = None if peak_bytes is None else peak_bytes / 2**20
             rows.append({"mode": mode, "syn_steps": steps, "peak_mib": mib})
-            print(f"{mode:>9} syn_steps {steps:>4}: peak {mib:9.1f} MiB", flush=True)
+            print(f"{mode:>9} syn_steps {steps:>4}: " + ("failed (out of memory?)" if mib is None else f"peak {mib:9.1f} MiB"), flush=True)
     stem = args.out / f"{machine.slug(device)}-{datetime.date.today().isoformat()}-unroll-memory"
     args.out.mkdir(parents=True, exist_ok=True)
     doc = {"what": "peak memory of one MTT iteration (ConvNet, MNIST shape, DSA, fwd + bwd)", "ipc": args.ipc,
@@ -104,8 +115,9 @@ def _plot(rows: list[dict], path: Path, hardware: str) -> None:
 
     fig, ax = plt.subplots(figsize=(5, 3.5))
     for mode in MODES:
-        points = [(r["syn_steps"], r["peak_mib"]) for r in rows if r["mode"] == mode]
-        ax.plot(*zip(*points), marker="o", label=mode)
+        points = [(r["syn_steps"], r["peak_mib"]) for r in rows if r["mode"] == mode and r["peak_mib"] is not None]
+        if points:
+            ax.plot(*zip(*points), marker="o", label=mode)
     ax.set(xlabel="syn_steps", ylabel="peak memory (MiB)", title=f"MTT iteration memory\n{hardware}", ylim=(0, None))
     ax.legend()
     fig.tight_layout()
