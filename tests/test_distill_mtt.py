@@ -35,6 +35,7 @@ def finished(tmp_path_factory):
     for name, config in LOOPS.items():
         out = tmp_path_factory.mktemp(name)
         with torch.random.fork_rng():
+            torch.set_num_threads(1)  # as in the tests that resume these runs (one_thread is function-scoped)
             runs[name] = (config, out, run(config, out, cache_dir=cache, quiet=True), cache)
     return runs
 

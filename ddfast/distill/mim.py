@@ -81,7 +81,8 @@ class MIMRegularizer:
         device = data.train.images.device
         with torch.no_grad():
             dims = [f.shape[1] for f in self.features(networks[0], data.train.images[:1])]
-        self.heads = nn.ModuleList(head(d, config) for d in dims).to(device)
+        with seeded(derive_seed(seed, "mim-heads"), device):
+            self.heads = nn.ModuleList(head(d, config) for d in dims).to(device)
         params = list(self.heads.parameters())
         self.optimizer = torch.optim.Adam(params, lr=config.head_lr) if params else None
         self.refresh = None  # index of the current bank (iteration // refresh_every)
