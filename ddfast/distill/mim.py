@@ -96,12 +96,12 @@ class MIMRegularizer:
         if refresh == self.refresh:
             return
         train, info = self.data.train, self.data.info
-        with seeded(derive_seed(self.seed, "mim-bank", refresh), train.images.device):
-            self.network = self.networks[int(torch.randint(len(self.networks), (1,)))]
-            if self.config.bank_per_class is None:
-                index = torch.arange(len(train.labels))
-            else:
-                index = random_per_class(train.labels, info.num_classes, self.config.bank_per_class, torch.Generator().manual_seed(derive_seed(self.seed, "mim-bank", refresh)))
+        generator = torch.Generator().manual_seed(derive_seed(self.seed, "mim-bank", refresh))
+        self.network = self.networks[int(torch.randint(len(self.networks), (1,), generator=generator))]
+        if self.config.bank_per_class is None:
+            index = torch.arange(len(train.labels))
+        else:
+            index = random_per_class(train.labels, info.num_classes, self.config.bank_per_class, generator)
         index = index.to(train.images.device)
         with torch.no_grad():
             parts = [self.features(self.network, train.images[index[i : i + self.chunk]]) for i in range(0, len(index), self.chunk)]
