@@ -51,7 +51,7 @@ def _parser() -> argparse.ArgumentParser:
     p = commands.add_parser("distill", help="distill a dataset", description="Distill a dataset; rerunning the same command resumes from the checkpoint in --out.")
     config_options(p, method_required=True)
     run_options(p)
-    p.add_argument("--out", help="output folder (default: runs/<method>-<dataset>-ipc<ipc>-<preset>[-cmi])")
+    p.add_argument("--out", help="output folder (default: runs/<method>-<dataset>-ipc<ipc>-<preset>[-cmi][-mim])")
     p.add_argument("--sweep", metavar="KEY=V1,V2,...", help="distill once per value, choose on the validation split, test only the winner")
     p.add_argument("--restart", action="store_true", help="ignore an existing checkpoint in --out")
     p.add_argument("--stop-after", type=int, metavar="N", help="stop after N iterations, checkpointed, as a kill would")

@@ -10,7 +10,6 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from torch.func import functional_call
 
 from .common import register
 from .unroll import StudentOptions, UnrolledMethod
@@ -48,8 +47,7 @@ class BPTT(UnrolledMethod):
         labels = torch.arange(classes, device=real.device).repeat_interleave(config.real_per_class)
         if self.dsa is not None:
             real = self.dsa(real)
-        logits = functional_call(self.student.model, dict(zip(self.student.names, final, strict=True)), (real,))
-        outer = F.cross_entropy(logits, labels)
+        outer = F.cross_entropy(self.student.logits(final, real), labels)
         reg, logs = self.regularize(iteration)
         loss = outer + reg
         self.update_images(loss)

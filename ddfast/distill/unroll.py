@@ -71,13 +71,16 @@ class Student:
             plan.append(Step(index.to(device), draw))
         return plan
 
+    def logits(self, params: Sequence[Tensor], x: Tensor) -> Tensor:
+        """The student with ``params`` (shaped like the model's parameters) on images ``x``."""
+        return functional_call(self.model, dict(zip(self.names, params, strict=True)), (x,))
+
     def loss(self, params: Sequence[Tensor], images: Tensor, step: Step) -> Tensor:
         """Cross-entropy of the student with ``params`` on step ``step``'s batch."""
         x = images[step.index]
         if step.draw is not None:
             x = self.dsa.apply(x, step.draw)
-        logits = functional_call(self.model, dict(zip(self.names, params, strict=True)), (x,))
-        return F.cross_entropy(logits, self.labels[step.index])
+        return F.cross_entropy(self.logits(params, x), self.labels[step.index])
 
     def train(self, start: Sequence[Tensor], images: Tensor, lr: Tensor, plan: list[Step], mode: str = "standard") -> list[Tensor]:
         """theta_T after ``len(plan)`` steps from ``start`` (tensors shaped like the model's parameters)."""
