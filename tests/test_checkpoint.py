@@ -1,4 +1,5 @@
 import json
+import pathlib
 
 import pytest
 import torch
@@ -26,8 +27,22 @@ def test_a_failed_write_keeps_the_previous_file(tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["results.json"]
 
 
+class _RunsCodeWhenLoaded:
+    """Unpickling calls ``marker.write_text("ran")``: what a malicious checkpoint would do."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (pathlib.Path.write_text, (self.marker, "ran"))
+
+
 def test_checkpoints_cannot_run_code(tmp_path):
-    path = tmp_path / "evil.pt"
-    torch.save({"obj": Exception("not a tensor")}, path)
+    path, marker = tmp_path / "evil.pt", tmp_path / "ran.txt"
+    torch.save({"obj": _RunsCodeWhenLoaded(marker)}, path)
     with pytest.raises(Exception, match="[Ww]eights only"):
         checkpoint.load(path)
+    assert not marker.exists()
+    with open(path, "rb") as f:  # the payload is real: an unrestricted unpickler runs it
+        torch.load(f, weights_only=False)
+    assert marker.read_text() == "ran"
