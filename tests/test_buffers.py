@@ -88,5 +88,5 @@ def test_shard_and_spec_errors():
     for bad in ("4/4", "1", "a/b", "-1/2"):
         with pytest.raises(ValueError, match="shard must be i/n"):
             parse_shard(bad)
-    with pytest.raises(ValueError, match="experts.epochs must be >= 1"):
+    with pytest.raises(ValueError, match="epochs must be an integer >= 1, got 0"):
         ExpertSpec(epochs=0)

@@ -30,7 +30,7 @@ def test_overrides_parse_text_by_field_type():
 @pytest.mark.parametrize("path, value, message", [
     ("iterationz", "3", "unknown setting 'iterationz'"),
     ("iterations", "many", "iterations: expected int"),
-    ("iterations", "0", "iterations must be >= 1"),
+    ("iterations", "0", "iterations must be an integer >= 1, got 0"),
     ("evaluation.dsa", "maybe", "expected true or false"),
     ("cmi.weight", "3", "cmi is None"),
     ("model.arch", "vgg", "arch must be one of"),
