@@ -90,3 +90,64 @@ def test_shard_and_spec_errors():
             parse_shard(bad)
     with pytest.raises(ValueError, match="epochs must be an integer >= 1, got 0"):
         ExpertSpec(epochs=0)
+
+
+def test_corrupt_buffer_files_are_named_and_trained_again(data, tmp_path, capsys):
+    real, key = data
+    meta = buffer_meta(SPEC, MODEL, key, real)
+    train_experts(meta, real, tmp_path, quiet=True)
+    reference = [t.clone() for t in ExpertBuffer(tmp_path, meta).trajectories]
+    finished = tmp_path / "expert-0001.pt"
+    finished.write_bytes(finished.read_bytes()[:1000])
+    (tmp_path / "meta.json").write_text('{"format": ')
+    with pytest.raises(ValueError, match=f"{tmp_path / 'meta.json'} is not readable JSON"):
+        ExpertBuffer(tmp_path, meta)
+    capsys.readouterr()
+    train_experts(meta, real, tmp_path, quiet=True)
+    warnings = capsys.readouterr().err.splitlines()
+    assert len(warnings) == 2 and all(w.startswith("ddfast: warning: ") for w in warnings)
+    assert str(tmp_path / "meta.json") in warnings[0] and str(finished) in warnings[1] and warnings[1].endswith("training expert 1 again")
+    for a, b in zip(ExpertBuffer(tmp_path, meta).trajectories, reference, strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    torch.save(torch.zeros(3), finished)  # a torch file of other content
+    with pytest.raises(ValueError, match=f"{finished} holds a Tensor"):
+        ExpertBuffer(tmp_path, meta)
+
+
+def test_a_corrupt_epoch_of_an_expert_in_progress_is_trained_again(data, tmp_path, monkeypatch, capsys):
+    real, key = data
+    meta = buffer_meta(dataclasses.replace(SPEC, experts=1), MODEL, key, real)
+    train_experts(meta, real, tmp_path / "whole", quiet=True)
+    reference = ExpertBuffer(tmp_path / "whole", meta).trajectories
+    original, calls = buffers.train_epoch, []
+
+    def dying(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(buffers, "train_epoch", dying)
+    with pytest.raises(KeyboardInterrupt):
+        train_experts(meta, real, tmp_path / "killed", quiet=True)
+    monkeypatch.setattr(buffers, "train_epoch", original)
+    epoch = tmp_path / "killed" / "expert-0000" / "epoch-0001.pt"
+    epoch.write_bytes(b"")
+    capsys.readouterr()
+    train_experts(meta, real, tmp_path / "killed", quiet=True)
+    [warning] = capsys.readouterr().err.splitlines()
+    assert str(epoch) in warning and warning.endswith("training the expert again from epoch 1")
+    torch.testing.assert_close(ExpertBuffer(tmp_path / "killed", meta).trajectories[0], reference[0], rtol=0, atol=0)
+
+
+def test_a_snapshot_of_non_finite_parameters_names_its_file(data, tmp_path):
+    real, key = data
+    meta = buffer_meta(dataclasses.replace(SPEC, experts=1, epochs=1), MODEL, key, real)
+    train_experts(meta, real, tmp_path, quiet=True)
+    state = torch.load(tmp_path / "expert-0000.pt", weights_only=True)
+    state["snapshots"][1, 0] = float("nan")
+    torch.save(state, tmp_path / "expert-0000.pt")
+    buffer = ExpertBuffer(tmp_path, meta)
+    assert len(buffer.snapshot(0, 0)) == len(meta["params"])
+    with pytest.raises(ValueError, match=f"{tmp_path / 'expert-0000.pt'} holds non-finite parameters after epoch 1"):
+        buffer.snapshot(0, 1)

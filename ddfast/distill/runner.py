@@ -35,13 +35,9 @@ SPLIT_SEED = 0  # the validation split (and pre-trained pools) are shared by run
 
 
 def load_data(config: DistillConfig, root=None, download: bool = False) -> RealData:
-    """The run's real data: train / validation / test split as the settings say, ZCA-whitened when they say so.
-
-    Refuses settings that draw more images per class than the training split holds.
-    """
+    """The run's real data: train / validation / test split as the settings say, ZCA-whitened when they say so."""
     data = load(config.dataset, root, val_per_class=config.val_per_class, seed=SPLIT_SEED,
                 train_per_class=config.train_per_class, test_per_class=config.test_per_class, download=download)
-    check_draws(config, int(torch.bincount(data.train.labels, minlength=data.info.num_classes).min()), f"{data.info.name}'s training split")
     return whiten(data, config.zca) if config.zca is not None else data
 
 
@@ -110,6 +106,7 @@ def run(
     method_cls = method_class(config.method)
     with timed(session, "data"):
         data = load_data(config, data_root, download).to(device)
+    check_draws(config, int(torch.bincount(data.train.labels, minlength=data.info.num_classes).min()), f"{data.info.name}'s training split")
     generator = torch.Generator().manual_seed(derive_seed(config.seed, "init"))
     synthetic = SyntheticSet.initial(data, config.ipc, config.init, generator)
     with timed(session, "pretrain"):
