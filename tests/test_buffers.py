@@ -23,6 +23,22 @@ def data():
     return load_data(config), data_key(config)
 
 
+def kill_in_the_second_epoch(meta, real, folder, monkeypatch):
+    """Train experts into ``folder`` and interrupt the second epoch, as a kill would."""
+    original, calls = buffers.train_epoch, []
+
+    def dying(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(buffers, "train_epoch", dying)
+    with pytest.raises(KeyboardInterrupt):
+        train_experts(meta, real, folder, quiet=True)
+    monkeypatch.setattr(buffers, "train_epoch", original)
+
+
 def test_experts_snapshot_every_epoch_and_load_as_parameters(data, tmp_path):
     real, key = data
     meta = buffer_meta(SPEC, MODEL, key, real)
@@ -47,19 +63,7 @@ def test_killed_expert_resumes_to_the_same_trajectory_and_shards_split_the_work(
     reference = ExpertBuffer(whole, meta).trajectories
 
     killed = tmp_path / "killed"
-    original = buffers.train_epoch
-    calls = []
-
-    def dying(*args, **kwargs):
-        calls.append(1)
-        if len(calls) == 2:
-            raise KeyboardInterrupt
-        return original(*args, **kwargs)
-
-    monkeypatch.setattr(buffers, "train_epoch", dying)
-    with pytest.raises(KeyboardInterrupt):
-        train_experts(meta, real, killed, quiet=True)
-    monkeypatch.setattr(buffers, "train_epoch", original)
+    kill_in_the_second_epoch(meta, real, killed, monkeypatch)
     assert sorted(p.name for p in (killed / "expert-0000").iterdir()) == ["epoch-0000.pt", "epoch-0001.pt"]
     train_experts(meta, real, killed, shard=(1, 2), quiet=True)  # another process's shard
     assert (killed / "expert-0001.pt").is_file() and not (killed / "expert-0000.pt").exists()
@@ -119,18 +123,7 @@ def test_a_corrupt_epoch_of_an_expert_in_progress_is_trained_again(data, tmp_pat
     meta = buffer_meta(dataclasses.replace(SPEC, experts=1), MODEL, key, real)
     train_experts(meta, real, tmp_path / "whole", quiet=True)
     reference = ExpertBuffer(tmp_path / "whole", meta).trajectories
-    original, calls = buffers.train_epoch, []
-
-    def dying(*args, **kwargs):
-        calls.append(1)
-        if len(calls) == 2:
-            raise KeyboardInterrupt
-        return original(*args, **kwargs)
-
-    monkeypatch.setattr(buffers, "train_epoch", dying)
-    with pytest.raises(KeyboardInterrupt):
-        train_experts(meta, real, tmp_path / "killed", quiet=True)
-    monkeypatch.setattr(buffers, "train_epoch", original)
+    kill_in_the_second_epoch(meta, real, tmp_path / "killed", monkeypatch)
     epoch = tmp_path / "killed" / "expert-0000" / "epoch-0001.pt"
     epoch.write_bytes(b"")
     capsys.readouterr()
