@@ -66,32 +66,23 @@ void load_row(const scalar_t* src, T* dst, int64_t k) {
   for (int64_t j = 0; j < k; ++j) dst[j] = static_cast<T>(src[j]);
 }
 
-// Whether every lane of v is finite.
-template <typename T>
-bool lanes_finite(const Vec<T>& v) {
-  T lanes[Vec<T>::size()];
-  v.store(lanes);
-  for (int64_t l = 0; l < Vec<T>::size(); ++l)
-    if (!std::isfinite(lanes[l])) return false;
-  return true;
-}
-
 // The softmax normaliser of f[0:k] / T: out[0] = max f, out[1] = log sum exp((f - max) * inv_t),
-// or nan when f holds a nan or an inf (the running max and min, which propagate nan, tell).
+// or nan when f holds a nan or an inf.
 template <typename T>
 void normaliser(const T* f, int64_t k, T inv_t, T* out) {
   constexpr int64_t W = Vec<T>::size();
-  Vec<T> m(neg_inf<T>()), low(std::numeric_limits<T>::infinity());
+  Vec<T> m(neg_inf<T>()), non_finite(0);  // the sum of v - v: 0 while every v is finite, nan after a nan or an inf
   for (int64_t j = 0; j < k; j += W) {
     m = at::vec::maximum(m, load_or(f + j, k - j, neg_inf<T>()));
-    low = at::vec::minimum(low, load_or(f + j, k - j, std::numeric_limits<T>::infinity()));
+    const Vec<T> v = load_or(f + j, k - j, T(0));
+    non_finite = non_finite + (v - v);
   }
   const T top = lanes_max(m);
   const Vec<T> shift(top), scale(inv_t);
   Vec<T> s(0);
   for (int64_t j = 0; j < k; j += W) s = s + ((load_or(f + j, k - j, neg_inf<T>()) - shift) * scale).exp();
   out[0] = top;
-  out[1] = lanes_finite(m) && lanes_finite(low) ? std::log(lanes_sum(s)) : std::numeric_limits<T>::quiet_NaN();
+  out[1] = lanes_sum(non_finite) == T(0) ? std::log(lanes_sum(s)) : std::numeric_limits<T>::quiet_NaN();
 }
 
 // x[0:k] = (f - norm[0]) * inv_t - norm[1] in place: log P.
