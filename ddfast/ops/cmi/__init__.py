@@ -62,13 +62,16 @@ def cmi_per_class(features: torch.Tensor, labels: torch.Tensor, num_classes: int
     """
     if backend != "reference":
         _transforms.refuse_unsupported("ddfast.cmi_per_class", features)
-    if num_classes is None and centroids is None and operators.batched(labels):
+    inferred = num_classes is None and centroids is None
+    features, labels, centroids, num_classes, temperature = _validated(features, labels, num_classes, temperature, centroids)
+    if inferred and operators.batched(labels):
         raise ValueError("cmi_per_class needs num_classes under torch.func.vmap over the labels: its output has one "
                          "entry per class, so C must not depend on each entry's labels")
-    features, labels, centroids, num_classes, temperature = _validated(features, labels, num_classes, temperature, centroids)
     kl = cmi_loss(features, labels, num_classes, temperature=temperature, centroids=centroids, reduction="none", backend=backend)
-    sums = kl.new_zeros(num_classes, dtype=accumulation_dtype(kl.dtype)).index_add(0, labels, kl.to(accumulation_dtype(kl.dtype)))
-    return (sums / torch.bincount(labels, minlength=num_classes)).to(kl.dtype)
+    acc = kl.to(accumulation_dtype(kl.dtype))
+    sums = acc.new_zeros(num_classes).index_add(0, labels, acc)
+    counts = acc.new_zeros(num_classes).index_add(0, labels, torch.ones_like(acc))  # bincount, also batched under vmap
+    return (sums / counts).to(kl.dtype)
 
 
 class CMILoss(nn.Module):

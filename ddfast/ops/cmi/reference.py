@@ -26,7 +26,7 @@ def cmi_reference(features: torch.Tensor, labels: torch.Tensor, num_classes: int
     if centroids is None:
         num_classes = int(labels.max()) + 1 if num_classes is None else num_classes
         sums = p.new_zeros(num_classes, p.shape[1]).index_add(0, labels, p)
-        counts = torch.bincount(labels, minlength=num_classes).clamp_min(1).to(p.dtype)
+        counts = p.new_zeros(num_classes).index_add(0, labels, p.new_ones(p.shape[0])).clamp_min(1)
         q = sums / counts[:, None]
     else:
         q = centroids.detach().to(p.dtype)
