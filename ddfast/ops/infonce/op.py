@@ -62,6 +62,25 @@ class _Prepared:
         self.positives = positives.build(query_labels, key_labels, query.shape[0], key.shape[0], query.device, self.acc)
 
 
+RECOMPUTE_ERROR = 2.0 ** -4  # largest rounding error of a recomputed logit the backward accepts
+
+
+def _largest_norm(x: Tensor) -> float:
+    return max(float(torch.linalg.vector_norm(x[start:start + positives.CHUNK_ROWS], dim=1, dtype=torch.float64).max())
+               for start in range(0, x.shape[0], positives.CHUNK_ROWS))
+
+
+def _check_recomputable(p: _Prepared, scale: float) -> None:
+    """The backward recomputes each logit and exponentiates ``s_ij - lse_i``: a rounding error of about
+    ``eps * scale * ||q_i|| ||k_j||`` must stay well under 1, or the softmax weights come out wrong."""
+    reach = scale if p.key_inv_norm is not None else scale * _largest_norm(p.query) * _largest_norm(p.key)
+    limit = RECOMPUTE_ERROR / torch.finfo(p.acc).eps
+    if reach > limit:
+        raise ValueError(f"ddfast.infonce cannot differentiate logits reaching |<q, k>| / temperature = {reach:.3g} in "
+                         f"{p.acc} (recomputed softmax weights need it under {limit:.3g}): raise the temperature, "
+                         f"use float64 inputs, or backend='reference'")
+
+
 @torch.library.custom_op("ddfast::infonce_forward", mutates_args=())
 def infonce_forward(query: Tensor, key: Tensor, query_labels: Optional[Tensor], key_labels: Optional[Tensor],
                     temperature: Tensor, normalize: bool, backend: str) -> tuple[Tensor, Tensor, Tensor]:
@@ -92,6 +111,7 @@ def infonce_backward(grad_rows: Tensor, query: Tensor, key: Tensor, query_labels
     scale = _scale(temperature)
     run = kernels(backend, query)
     p = _Prepared(query, key, query_labels, key_labels, normalize)
+    _check_recomputable(p, scale)
     weight = torch.where(p.positives.count > 0, grad_rows.to(p.acc), 0.0)
     grad_query, grad_key = run.grads(p.query, p.key, p.key_inv_norm, scale, lse, weight,
                                      need_query or need_temperature, need_key)
