@@ -1,16 +1,19 @@
 """Input validation shared by the public operations.
 
 Every check raises before any kernel runs, with a message that names the offending argument.
-Checks here look only at metadata (shape, dtype, device), so they are free and trace cleanly under
-``torch.compile``; checks on values (label ranges, temperature sign) run inside the operators.
+Most checks look only at metadata (shape, dtype, device), so they are free and trace cleanly under
+``torch.compile``. Checks on values (``finite``, ``positive_finite``) are called inside the operators
+and by the reference formulas; they read through ``torch.func`` transforms (all of a vmap's entries).
 """
 
 from __future__ import annotations
 
+import math
 import numbers
 from collections.abc import Sequence
 
 import torch
+from torch._C import _functorch
 
 FLOAT_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
 REDUCTIONS = ("mean", "sum", "none")
@@ -65,17 +68,47 @@ def reduction(value: str) -> str:
     return value
 
 
-def positive_scalar(name: str, value) -> float | torch.Tensor:
-    """A python number > 0, or a one-element floating tensor (its sign is checked by the operator)."""
+def positive_scalar(name: str, value, device: torch.device | None = None) -> float | torch.Tensor:
+    """A python number > 0 (finite, with a finite reciprocal), or a one-element floating tensor, 0-dim
+    or (1,), on ``device`` or the CPU (its value is checked by ``positive_finite`` in the operator)."""
     if isinstance(value, torch.Tensor):
-        if value.numel() != 1 or not value.dtype.is_floating_point:
-            raise ValueError(f"{name} must be a positive float or a one-element floating tensor, got {value.dtype} of shape {tuple(value.shape)}")
+        if not value.dtype.is_floating_point:
+            raise TypeError(f"{name} must be a python float or a floating tensor, got dtype {value.dtype}")
+        if value.shape not in ((), (1,)):
+            raise ValueError(f"{name} must be a one-element tensor of shape () or (1,), got shape {tuple(value.shape)}")
+        if device is not None and value.device not in (device, torch.device("cpu")):
+            raise ValueError(f"{name} must be on the inputs' device ({device}) or on the CPU, got {value.device}")
         return value
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise TypeError(f"{name} must be a positive float, got {type(value).__name__}")
-    if not value > 0 or value == float("inf"):
-        raise ValueError(f"{name} must be a finite number > 0, got {value}")
-    return float(value)
+    return float(positive_finite(name, value))
+
+
+def positive_finite(name: str, value: float | torch.Tensor) -> float | torch.Tensor:
+    """Value check: ``value`` (every element of a tensor) is finite and > 0 with a finite reciprocal."""
+    for number in (_data(value).flatten().tolist() if isinstance(value, torch.Tensor) else [value]):
+        if not (number > 0 and math.isfinite(number) and math.isfinite(1.0 / number)):
+            raise ValueError(f"{name} must be a finite number > 0 (with a finite reciprocal), got {number}")
+    return value
+
+
+def finite(name: str, x: torch.Tensor) -> None:
+    """Value check: ``x`` (an input, or a per-row statistic that is nan or inf where the row is)
+    holds no nan or inf."""
+    if not all_finite(x):
+        raise ValueError(f"{name} contains non-finite values (nan or inf)")
+
+
+def all_finite(*tensors: torch.Tensor) -> bool:
+    """Whether every tensor holds only finite values (a value read, through ``torch.func`` wrappers)."""
+    return all(bool(torch.isfinite(_data(t)).all()) for t in tensors)
+
+
+def _data(x: torch.Tensor) -> torch.Tensor:
+    """The plain tensor under ``torch.func`` wrappers (a vmap's wrapper holds every entry)."""
+    while _functorch.is_functorch_wrapped_tensor(x):
+        x = _functorch.get_unwrapped(x)
+    return x
 
 
 def positive_int(name: str, value) -> int | torch.SymInt:

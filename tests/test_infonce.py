@@ -1,5 +1,7 @@
 """ddfast.infonce: every backend against the plain-torch reference, forward and all gradients."""
 
+import itertools
+
 import pytest
 import torch
 
@@ -183,6 +185,8 @@ def test_reference_is_the_documented_formula():
     (lambda q, k: ddfast.infonce(q, k, torch.zeros(3, dtype=torch.long), torch.zeros(6, dtype=torch.long), temperature=0.1),
      ValueError, "query_labels must have shape"),
     (lambda q, k: ddfast.infonce(q, k, torch.zeros(4), torch.zeros(6), temperature=0.1), TypeError, "query_labels must have an integer"),
+    (lambda q, k: ddfast.infonce(q, k, torch.zeros(4, dtype=torch.uint64), torch.zeros(6, dtype=torch.uint64),
+                                 temperature=0.1), TypeError, "query_labels must have an integer dtype whose values fit int64"),
     (lambda q, k: ddfast.infonce(q, k, temperature=0.0), ValueError, "temperature must be a finite number > 0"),
     (lambda q, k: ddfast.infonce(q, k, temperature=-1.0), ValueError, "temperature"),
     (lambda q, k: ddfast.infonce(q, k, temperature=torch.tensor(-0.5), backend="torch"), ValueError, "temperature must be"),
@@ -218,3 +222,328 @@ def test_triton_kernels_compile_for_hopper(dtype, d):
                       "constexprs": {**common["constexprs"], "QUERY_ROWS": query_rows}})
     for spec, shared in zip(specs, hopper.shared_memory(specs)):
         assert 0 < shared <= hopper.SHARED_MEMORY_PER_BLOCK, (spec["kernel"], shared)
+
+
+ALL_BACKENDS = ["reference", *KERNEL_BACKENDS]
+N, M, D = 6, 10, 5  # small odd sizes for the layout, subset and transform tests
+
+
+def leaf(*shape, seed=0, dtype=torch.float64):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(*shape, generator=g, dtype=torch.float64).to(DEVICE, dtype).requires_grad_()
+
+
+def labels_of(length, seed=1, classes=3):
+    return torch.randint(0, classes, (length,), generator=torch.Generator().manual_seed(seed)).to(DEVICE)
+
+
+# name -> (leaves, build): build(*leaves) gives (query, key, query_labels, key_labels, temperature) views
+def fixed(rows, like):
+    """A (rows, D) input that needs no gradient, in ``like``'s dtype."""
+    return leaf(rows, D, seed=rows, dtype=like.dtype).detach()
+
+
+LAYOUTS = {
+    "query[:, ::2]": lambda: ((leaf(N, 2 * D),), lambda b: (b[:, ::2], fixed(M, b), None, None, 0.3)),
+    "query[::2]": lambda: ((leaf(2 * N, D),), lambda b: (b[::2], fixed(M, b), None, None, 0.3)),
+    "query.t()": lambda: ((leaf(D, N),), lambda b: (b.t(), fixed(M, b), None, None, 0.3)),
+    "query expanded": lambda: ((leaf(D),), lambda b: (b.expand(N, D), fixed(M, b), None, None, 0.3)),
+    "key[:, ::2]": lambda: ((leaf(M, 2 * D),), lambda b: (fixed(N, b), b[:, ::2], None, None, 0.3)),
+    "key[::2]": lambda: ((leaf(2 * M, D),), lambda b: (fixed(N, b), b[::2], None, None, 0.3)),
+    "key.t()": lambda: ((leaf(D, M),), lambda b: (fixed(N, b), b.t(), None, None, 0.3)),
+    "key expanded": lambda: ((leaf(D),), lambda b: (fixed(N, b), b.expand(M, D), None, None, 0.3)),
+    "both strided": lambda: ((leaf(D, N), leaf(M, 3 * D)), lambda q, k: (q.t(), k[:, 1::3], None, None, 0.3)),
+    "labels[::2]": lambda: ((leaf(N, D), leaf(M, D)),
+                            lambda q, k: (q, k, labels_of(2 * N)[::2], labels_of(2 * M, seed=2)[::2], 0.3)),
+    "labels expanded": lambda: ((leaf(N, D), leaf(M, D)),
+                                lambda q, k: (q, k, labels_of(1).expand(N), labels_of(M, seed=2), 0.3)),
+    "temperature[2::3]": lambda: ((leaf(N, D), torch.tensor([0.1, 0.2, 0.3, 0.4], dtype=torch.float64, device=DEVICE,
+                                                            requires_grad=True)),
+                                  lambda q, t: (q, fixed(M, q), None, None, t[2::3])),
+    "temperature expanded": lambda: ((leaf(N, D), torch.tensor(0.3, dtype=torch.float64, device=DEVICE, requires_grad=True)),
+                                     lambda q, t: (q, fixed(M, q), None, None, t.expand(1))),
+    "temperature[1]": lambda: ((leaf(N, D), torch.tensor([0.2, 0.3], dtype=torch.float64, device=DEVICE, requires_grad=True)),
+                               lambda q, t: (q, fixed(M, q), None, None, t[1])),
+}
+
+
+def loss_and_leaf_grads(backend, leaves, build, contiguous=False, **options):
+    """Loss of ``build(*leaves)`` and the gradient of every leaf; ``contiguous`` copies each view first."""
+    q, k, ql, kl, t = build(*leaves)
+    if contiguous:
+        q, k = q.contiguous(), k.contiguous()
+        ql, kl = (None if y is None else y.contiguous() for y in (ql, kl))
+        t = t.contiguous() if isinstance(t, torch.Tensor) else t
+    loss = ddfast.infonce(q, k, ql, kl, temperature=t, backend=backend, **options)
+    upstream = torch.linspace(0.5, 1.5, loss.numel(), dtype=loss.dtype, device=loss.device).reshape(loss.shape)
+    return [loss, *torch.autograd.grad((loss * upstream).sum(), leaves)]
+
+
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+@pytest.mark.parametrize("normalize", [True, False], ids=["cosine", "dot"])
+def test_odd_layouts_match_reference(backend, layout, normalize):
+    """Strided, transposed and expanded query / key / labels / temperature views give the reference's
+    loss and gradients (those of each view's base tensor) in float64."""
+    leaves, build = LAYOUTS[layout]()
+    reduction = "none" if "expanded" not in layout else "mean"
+    ours = loss_and_leaf_grads(backend, leaves, build, normalize=normalize, reduction=reduction)
+    expected = loss_and_leaf_grads("reference", leaves, build, contiguous=True, normalize=normalize, reduction=reduction)
+    for a, b in zip(ours, expected):
+        assert a.shape == b.shape and a.dtype == b.dtype
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-11 * max(1.0, b.abs().max().item()))
+
+
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("layout", ["query.t()", "key[:, ::2]", "key expanded", "both strided"])
+def test_low_precision_odd_layouts_equal_contiguous(backend, dtype, layout):
+    """In bf16 / fp16 a view computes exactly what its contiguous copy computes."""
+    leaves, build = LAYOUTS[layout]()
+    leaves = tuple(x.detach().to(dtype).requires_grad_() for x in leaves)
+    ours = loss_and_leaf_grads(backend, leaves, build)
+    copied = loss_and_leaf_grads(backend, leaves, build, contiguous=True)
+    for a, b in zip(ours, copied):
+        assert a.dtype == dtype and torch.equal(a, b)
+
+
+SUBSETS = [wrt for size in (1, 2, 3) for wrt in itertools.combinations(("query", "key", "temperature"), size)]
+
+
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+@pytest.mark.parametrize("wrt", SUBSETS, ids="+".join)
+@pytest.mark.parametrize("symmetric", [False, True], ids=["one-way", "symmetric"])
+@pytest.mark.parametrize("labels", [True, False], ids=["labels", "index"])
+def test_gradient_of_any_subset_of_inputs(backend, wrt, symmetric, labels):
+    """Each subset of {query, key, temperature} that requires grad gets exactly its gradients, equal to
+    the reference's, for both positive modes, normalisation on and off and every reduction."""
+    for normalize in (True, False):
+        for reduction in ("mean", "sum") if symmetric else ("mean", "sum", "none"):
+            q, k, ql, kl = make(7, 11, 6, labels=labels, classes=3)
+            q.requires_grad_("query" in wrt)
+            k.requires_grad_("key" in wrt)
+            t = torch.tensor([0.3], dtype=torch.float64, device=DEVICE, requires_grad="temperature" in wrt)
+            ours = loss_and_grads(backend, q, k, ql, kl, t, normalize=normalize, reduction=reduction, symmetric=symmetric)
+            expected = loss_and_grads("reference", q, k, ql, kl, t, normalize=normalize, reduction=reduction,
+                                      symmetric=symmetric)
+            assert len(ours) == 1 + len(wrt)
+            for a, b in zip(ours, expected):
+                assert a.shape == b.shape and a.dtype == b.dtype
+                torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-11 * max(1.0, b.abs().max().item()),
+                                           msg=lambda m: f"normalize={normalize} {reduction}: {m}")
+
+
+def fused_call(backend, **options):
+    k, ql, kl = leaf(M, D, seed=1).detach(), labels_of(N), labels_of(M, seed=2)
+    return lambda q, t=0.3: ddfast.infonce(q, k, ql, kl, temperature=t, backend=backend, **options)
+
+
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+@pytest.mark.parametrize("transform", ["jvp", "jvp temperature", "jacfwd", "forward_ad", "grad", "vjp", "jacrev", "hessian"])
+def test_unsupported_transforms_are_refused(backend, transform):
+    f = fused_call(backend)
+    q, t = leaf(N, D).detach(), torch.tensor(0.3, dtype=torch.float64, device=DEVICE)
+    calls = {
+        "jvp": lambda: torch.func.jvp(f, (q,), (torch.ones_like(q),)),
+        "jvp temperature": lambda: torch.func.jvp(lambda t: f(q, t), (t,), (torch.ones_like(t),)),
+        "jacfwd": lambda: torch.func.jacfwd(f)(q),
+        "forward_ad": lambda: _forward_ad(f, q),
+        "grad": lambda: torch.func.grad(f)(q),
+        "vjp": lambda: torch.func.vjp(f, q),
+        "jacrev": lambda: torch.func.jacrev(f)(q),
+        "hessian": lambda: torch.func.hessian(f)(q),
+    }
+    with pytest.raises(NotImplementedError, match="ddfast.infonce does not support"):
+        calls[transform]()
+
+
+def _forward_ad(f, q):
+    import torch.autograd.forward_ad as fwAD
+
+    with fwAD.dual_level():
+        return fwAD.unpack_dual(f(fwAD.make_dual(q, torch.ones_like(q)))).tangent
+
+
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+def test_double_backward_is_refused_first_order_graph_works(backend):
+    q = leaf(N, D)
+    (grad,) = torch.autograd.grad(fused_call(backend)(q), q, create_graph=True)
+    (expected,) = torch.autograd.grad(fused_call("reference")(q), q)
+    torch.testing.assert_close(grad, expected, rtol=1e-9, atol=1e-12)
+    with pytest.raises(NotImplementedError, match="ddfast.infonce does not support double backward"):
+        grad.square().sum().backward()
+
+
+@pytest.mark.parametrize("backend", ALL_BACKENDS)
+@pytest.mark.parametrize("symmetric", [False, True], ids=["one-way", "symmetric"])
+def test_vmap_matches_reference(backend, symmetric):
+    """vmap over a batch of queries and of temperatures: each entry, and the gradients through the
+    vmapped call, equal the reference's loop over the entries."""
+    queries, temperatures = leaf(3, N, D), torch.tensor([0.2, 0.5, 1.0], dtype=torch.float64, device=DEVICE,
+                                                        requires_grad=True)
+    k = leaf(M, D, seed=1)
+    ql, kl = labels_of(N), labels_of(M, seed=2)
+
+    def one(backend_name):
+        return lambda q, t: ddfast.infonce(q, k, ql, kl, temperature=t, symmetric=symmetric, backend=backend_name)
+
+    ours = torch.func.vmap(one(backend))(queries, temperatures)
+    expected = torch.stack([one("reference")(q, t) for q, t in zip(queries, temperatures)])
+    weights = torch.tensor([1.0, -0.5, 2.0], dtype=torch.float64, device=DEVICE)
+    for a, b in zip([ours, *torch.autograd.grad((ours * weights).sum(), [queries, k, temperatures])],
+                    [expected, *torch.autograd.grad((expected * weights).sum(), [queries, k, temperatures])]):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12)
+
+
+def test_reference_supports_every_transform():
+    """torch.func.grad and jvp of the reference agree with reverse-mode autograd, and its Hessian-vector
+    product by double backward agrees with forward-over-reverse."""
+    f = fused_call("reference", normalize=True)
+    q, v = leaf(N, D), leaf(N, D, seed=3).detach()
+    (grad,) = torch.autograd.grad(f(q), q, create_graph=True)
+    torch.testing.assert_close(torch.func.grad(f)(q), grad, rtol=1e-12, atol=1e-14)
+    _, tangent = torch.func.jvp(f, (q.detach(),), (v,))
+    torch.testing.assert_close(tangent, (grad * v).sum(), rtol=1e-10, atol=1e-14)
+    (hvp,) = torch.autograd.grad(grad, q, v)
+    _, hvp_forward = torch.func.jvp(torch.func.grad(f), (q.detach(),), (v,))
+    torch.testing.assert_close(hvp, hvp_forward, rtol=1e-9, atol=1e-12)
+    assert hvp.abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("backend", ALL_BACKENDS)
+@pytest.mark.parametrize("where", ["query", "key"])
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), float("-inf")], ids=["nan", "inf", "-inf"])
+@pytest.mark.parametrize("normalize", [True, False], ids=["cosine", "dot"])
+def test_non_finite_features_are_refused(backend, where, value, normalize):
+    q, k, ql, kl = make(5, 8, 4, labels=True)
+    x = (q if where == "query" else k).detach()
+    x[2, 1] = value
+    with pytest.raises(ValueError, match=f"{where} contains non-finite values"):
+        ddfast.infonce(q, k, ql, kl, temperature=0.2, normalize=normalize, backend=backend)
+
+
+@pytest.mark.parametrize("backend", ALL_BACKENDS)
+@pytest.mark.parametrize("temperature,error,match", [
+    (torch.tensor(0.0), ValueError, "temperature must be a finite number > 0"),
+    (torch.tensor([-0.5]), ValueError, "temperature must be a finite number > 0"),
+    (torch.tensor(float("nan")), ValueError, "temperature must be a finite number > 0"),
+    (torch.tensor(float("inf")), ValueError, "temperature must be a finite number > 0"),
+    (torch.tensor(1e-320, dtype=torch.float64), ValueError, "finite reciprocal"),
+    (1e-320, ValueError, "finite reciprocal"),
+    (float("nan"), ValueError, "temperature must be a finite number > 0"),
+    (torch.tensor([[0.5]]), ValueError, r"shape \(\) or \(1,\)"),
+    (torch.tensor([0.5, 0.5]), ValueError, "one-element"),
+    (torch.tensor(1), TypeError, "temperature must be a python float or a floating tensor"),
+    (torch.tensor(0.5, device="meta"), ValueError, "temperature must be on the inputs' device"),
+], ids=lambda x: repr(x) if not isinstance(x, type) else x.__name__)
+def test_bad_temperatures_are_refused(backend, temperature, error, match):
+    q, k, ql, kl = make(5, 8, 4, labels=True)
+    with pytest.raises(error, match=match):
+        ddfast.infonce(q, k, ql, kl, temperature=temperature, backend=backend)
+
+
+@pytest.mark.parametrize("backend", ALL_BACKENDS)
+def test_huge_tiny_and_zero_float32_rows_normalise_without_overflow(backend):
+    """float32 rows with entries up to 3e38 (their squares overflow float32), tiny rows and zero rows:
+    loss and gradients match the float64 reference of the same values."""
+    magnitudes = torch.tensor([3e38, 1e20, 1.0, 1e-30, 0.0, 2e35, 1e-3], dtype=torch.float64)
+
+    def rows(n, seed):
+        x = torch.randn(n, D, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+        x = x / x.abs().amax(1, keepdim=True) * magnitudes[torch.arange(n) % len(magnitudes), None]
+        return x.float().to(DEVICE).requires_grad_()
+
+    q, k = rows(7, 0), rows(12, 1)
+    ql, kl = labels_of(7), labels_of(12, seed=2)
+    t = torch.tensor(0.3, device=DEVICE, requires_grad=True)
+    ours = loss_and_grads(backend, q, k, ql, kl, t, reduction="none")
+    q64, k64, t64 = (x.detach().double().requires_grad_() for x in (q, k, t))
+    truth = loss_and_grads("reference", q64, k64, ql, kl, t64, reduction="none")
+    assert all(torch.isfinite(a).all() for a in ours)
+    torch.testing.assert_close(ours[0].double(), truth[0], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(ours[3].double(), truth[3], rtol=1e-5, atol=1e-5 * truth[3].abs().item())
+    for a, x, b in ((ours[1], q64, truth[1]), (ours[2], k64, truth[2])):
+        # gradients scale as 1 / ||x_i||: compare them relative to each row (clamped rows: 1 / 1e-12)
+        row = x.detach().norm(dim=1, keepdim=True).clamp_min(1e-12)
+        torch.testing.assert_close(a.double() * row, b * row, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("backend", ALL_BACKENDS)
+@pytest.mark.parametrize("dtype,spread,temperature", [(torch.float32, 1e20, 0.5), (torch.float64, 1e10, 1e-300)])
+def test_overflowing_logits_are_refused(backend, dtype, spread, temperature):
+    """Without normalisation, logits beyond the dtype's range raise instead of giving inf or nan."""
+    q, k, ql, kl = make(5, 8, 4, labels=True, dtype=dtype, spread=spread)
+    with pytest.raises(ValueError, match="logits <q, k> / temperature overflow"):
+        ddfast.infonce(q, k, ql, kl, temperature=temperature, normalize=False, backend=backend)
+
+
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+@pytest.mark.parametrize("temperature,dtype", [(1e30, torch.float64), (1e-5, torch.float64), (1e30, torch.float32),
+                                               (1e-3, torch.float32)])
+def test_extreme_temperatures(backend, temperature, dtype):
+    """Temperatures far from 1 give the reference's loss and gradients (float32 against float64 truth)."""
+    q, k, ql, kl = make(9, 14, 5, labels=True, dtype=dtype)
+    t = torch.tensor(temperature, dtype=dtype, device=DEVICE, requires_grad=True)
+    ours = loss_and_grads(backend, q, k, ql, kl, t, reduction="none")
+    q64, k64, t64 = (x.detach().double().requires_grad_() for x in (q, k, t))
+    truth = loss_and_grads("reference", q64, k64, ql, kl, t64, reduction="none")
+    rtol = 1e-9 if dtype == torch.float64 else 1e-4
+    for a, b in zip(ours, truth):
+        b = b.to(dtype).double()  # what the dtype can hold (1e30: the temperature's gradient is 0 in float32)
+        torch.testing.assert_close(a.double(), b, rtol=rtol, atol=rtol * b.abs().max().item())
+
+
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+@pytest.mark.parametrize("temperature,dtype,normalize", [(1e-30, torch.float64, True), (1e-8, torch.float32, True),
+                                                         (1e-3, torch.float32, False)])
+def test_logits_too_large_to_differentiate_are_refused(backend, temperature, dtype, normalize):
+    """Logits so large that their recomputation's rounding would corrupt the softmax weights: the loss
+    is the reference's, its backward raises instead of returning nan or wrong gradients."""
+    q, k, ql, kl = make(9, 14, 5, labels=True, dtype=dtype, spread=100.0)
+    loss = ddfast.infonce(q, k, ql, kl, temperature=temperature, normalize=normalize, reduction="none", backend=backend)
+    expected = ddfast.infonce(q, k, ql, kl, temperature=temperature, normalize=normalize, reduction="none",
+                              backend="reference")
+    torch.testing.assert_close(loss, expected, rtol=1e-4, atol=1e-6 * expected.abs().max().item())
+    with pytest.raises(ValueError, match="cannot differentiate logits reaching"):
+        loss.sum().backward()
+
+
+@pytest.mark.parametrize("backend", ALL_BACKENDS)
+@pytest.mark.parametrize("query_dtype,key_dtype", [(torch.int32, torch.uint8), (torch.uint8, torch.int64),
+                                                   (torch.int16, torch.uint16), (torch.uint32, torch.int8)])
+def test_label_dtypes_compare_by_value(backend, query_dtype, key_dtype):
+    q, k, ql, kl = make(7, 12, 5, labels=True)
+    ours = loss_and_grads(backend, q, k, ql.to(query_dtype), kl.to(key_dtype), 0.2, reduction="none")
+    expected = loss_and_grads("reference", q, k, ql, kl, 0.2, reduction="none")
+    torch.testing.assert_close(ours, expected, rtol=1e-9, atol=1e-11)
+
+
+@pytest.mark.parametrize("backend", ALL_BACKENDS)
+def test_negative_labels_are_classes(backend):
+    q, k, ql, kl = make(7, 12, 5, labels=True)
+    shifted = ddfast.infonce(q, k, ql - 7, kl - 7, temperature=0.2, reduction="none", backend=backend)
+    torch.testing.assert_close(shifted, ddfast.infonce(q, k, ql, kl, temperature=0.2, reduction="none", backend="reference"))
+    # -1 (int8) and 255 (uint8) are different classes: no query has a positive
+    rows = ddfast.infonce(q, k, torch.full((7,), -1, dtype=torch.int8, device=DEVICE),
+                          torch.full((12,), 255, dtype=torch.uint8, device=DEVICE), temperature=0.2,
+                          reduction="none", backend=backend)
+    assert torch.equal(rows, torch.zeros_like(rows))
+
+
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+@pytest.mark.parametrize("n,m,d", [(1, 1, 1), (1, 4, 1), (3, 5, 1), (2, 2, 3)])
+@pytest.mark.parametrize("normalize", [True, False], ids=["cosine", "dot"])
+def test_tiny_shapes_index_positives(backend, n, m, d, normalize):
+    q, k, _, _ = make(n, m, d, labels=False)
+    t = torch.tensor(0.4, dtype=torch.float64, device=DEVICE, requires_grad=True)
+    assert_matches_reference(backend, q, k, None, None, t, normalize=normalize, symmetric=True)
+
+
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+def test_zero_rows_match_reference(backend):
+    q, k, ql, kl = make(6, 9, 4, labels=True)
+    with torch.no_grad():
+        q[1] = 0
+        k[[0, 5]] = 0
+    t = torch.tensor(0.3, dtype=torch.float64, device=DEVICE, requires_grad=True)
+    assert_matches_reference(backend, q, k, ql, kl, t, reduction="none")

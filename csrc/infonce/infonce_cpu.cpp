@@ -111,6 +111,7 @@ struct Problem {
     DDFAST_CHECK_DEVICE(k, at::kCPU);
     TORCH_CHECK(q.scalar_type() == at::kFloat || q.scalar_type() == at::kDouble, "query must be float32 or float64");
     TORCH_CHECK(k.size(1) == d, "query and key must have the same feature dimension");
+    TORCH_CHECK(at::isFloatingType(k.scalar_type()), "key must have a floating dtype, got ", k.scalar_type());
     if (rk) {
       DDFAST_CHECK_DTYPE(*rk, q.scalar_type());
       TORCH_CHECK(rk->dim() == 1 && rk->size(0) == m && rk->is_contiguous(), "key_inv_norm must be a contiguous (M,) tensor");

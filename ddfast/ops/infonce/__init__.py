@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from ... import _checks
+from ... import _checks, _transforms
 from . import reference
 from .op import REGISTRY
 
@@ -28,7 +28,8 @@ def infonce(query: Tensor, key: Tensor, query_labels: Tensor | None = None, key_
         query_labels, key_labels: (N,) and (M,) integer labels, both or neither. With labels, the
             positives of query i are the keys with its label; without, key i alone (keys beyond N are
             extra negatives, as in a MoCo queue; needs M >= N).
-        temperature: > 0, a float or a one-element tensor (differentiable when it requires grad).
+        temperature: > 0, a float or a one-element floating tensor of shape () or (1,), on the inputs'
+            device or the CPU (differentiable when it requires grad; its gradient has its shape and dtype).
         normalize: L2-normalise rows first (cosine similarity).
         reduction: ``mean`` over the queries that have a positive (0 if none has), ``sum``, or ``none``
             (N,) with 0 for queries without a positive.
@@ -38,12 +39,15 @@ def infonce(query: Tensor, key: Tensor, query_labels: Tensor | None = None, key_
 
     ``loss_i = logsumexp_j s_ij - mean_{j in P(i)} s_ij`` with ``s_ij = <q_i, k_j> / temperature``.
     Returns a scalar (or (N,) for ``reduction="none"``) in the inputs' dtype; accumulation is float32
-    (float64 for float64 inputs).
+    (float64 for float64 inputs). Non-finite features and logits that overflow raise ``ValueError``.
+    ``torch.func.vmap`` works on every backend; ``torch.func.grad`` / ``jvp``, forward-mode AD and
+    double backward need ``backend="reference"`` (the others raise ``NotImplementedError``).
     """
     _check(query, key, query_labels, key_labels, temperature, normalize, reduction, symmetric)
     if backend == "reference":
         return reference.infonce(query, key, query_labels, key_labels, temperature=temperature,
                                  normalize=normalize, reduction=reduction, symmetric=symmetric)
+    _transforms.refuse_unsupported("ddfast.infonce", query, key, temperature)
     if not isinstance(temperature, Tensor):
         temperature = torch.tensor(float(temperature), dtype=torch.float64)
     loss = _directed(query, key, query_labels, key_labels, temperature, normalize, reduction, backend)
@@ -73,9 +77,11 @@ def _check(query, key, query_labels, key_labels, temperature, normalize, reducti
         if m < n:
             raise ValueError(f"without labels query i's positive is key i, so key needs at least N={n} rows, got {m}")
     else:
-        _checks.labels("query_labels", query_labels, n, device)
-        _checks.labels("key_labels", key_labels, m, device)
-    _checks.positive_scalar("temperature", temperature)
+        for name, labels, rows in (("query_labels", query_labels, n), ("key_labels", key_labels, m)):
+            _checks.labels(name, labels, rows, device)
+            if labels.dtype == torch.uint64:
+                raise TypeError(f"{name} must have an integer dtype whose values fit int64, got {labels.dtype}")
+    _checks.positive_scalar("temperature", temperature, device)
     if not isinstance(normalize, bool):
         raise TypeError(f"normalize must be a bool, got {type(normalize).__name__}")
     _checks.reduction(reduction)

@@ -1,9 +1,10 @@
 """The ``ddfast::infonce_forward`` / ``ddfast::infonce_backward`` operators and their autograd.
 
 The backends compute only the softmax statistics (``lse`` and its gradient, see ``streaming.py``);
-this module adds what costs O((N + M) D): normalisation, the positive term, the temperature gradient.
-Values (temperature sign) and the backend choice are checked here, inside the opaque operator, so
-that ``torch.compile(fullgraph=True)`` traces callers without data-dependent branches.
+this module adds what costs O((N + M) D): normalisation (``rows.py``), the positive term, the
+temperature gradient. Values (temperature, non-finite features, overflowing logits) and the backend
+choice are checked here, inside the opaque operator, so that ``torch.compile(fullgraph=True)`` traces
+callers without data-dependent branches. Every kernel receives contiguous rows.
 """
 
 import importlib
@@ -12,9 +13,10 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from ... import _extension
+from ... import _checks, _extension, _transforms
 from ..._backends import Backend, Registry, accumulation_dtype, triton_missing, triton_runs_on
-from . import positives
+from . import positives, rows
+from .reference import check_logits
 
 TRITON_MAX_DIM = 1024  # the Triton kernels hold whole rows of D on chip
 
@@ -39,33 +41,44 @@ def kernels(backend: str, query: Tensor):
     return importlib.import_module(f"{__package__}.{_MODULES[name]}")
 
 
-def inverse_norm(x: Tensor, dtype: torch.dtype) -> Tensor:
-    """(rows,) ``1 / max(||x_i||, 1e-12)`` in ``dtype`` (``F.normalize``'s scaling), in bounded chunks."""
-    out = torch.empty(x.shape[0], dtype=dtype, device=x.device)
-    for start in range(0, x.shape[0], positives.CHUNK_ROWS):
-        out[start:start + positives.CHUNK_ROWS] = torch.linalg.vector_norm(x[start:start + positives.CHUNK_ROWS], dim=1, dtype=dtype)
-    return out.clamp_min_(1e-12).reciprocal_()
-
-
 def _scale(temperature: Tensor) -> float:
-    value = float(temperature)
-    if not value > 0 or value == float("inf"):
-        raise ValueError(f"temperature must be a finite number > 0, got {value}")
-    return 1.0 / value
+    return 1.0 / _checks.positive_finite("temperature", float(temperature))
 
 
 class _Prepared:
-    """Inputs as the kernels take them: normalised queries, raw keys with their inverse norms."""
+    """Inputs as the kernels take them: normalised queries, keys (raw or rescaled) with their
+    inverse norms, all contiguous; the rows of both sides for the normalisation's backward."""
 
     def __init__(self, query: Tensor, key: Tensor, query_labels, key_labels, normalize: bool):
         self.acc = accumulation_dtype(query.dtype)
-        self.key = key.contiguous()
-        self.query_inv_norm = inverse_norm(query, self.acc) if normalize else None
-        self.key_inv_norm = inverse_norm(self.key, self.acc) if normalize else None
-        self.query = query.to(self.acc)
+        self.query_rows = rows.prepare("query", query, normalize, self.acc)
+        self.key_rows = rows.prepare("key", key, normalize, self.acc)
+        self.key = self.key_rows.values.contiguous()
+        self.key_inv_norm = self.key_rows.inv_norm
+        self.query = self.query_rows.values.to(self.acc)
         if normalize:
-            self.query = self.query * self.query_inv_norm[:, None]
+            self.query = self.query * self.query_rows.inv_norm[:, None]
+        self.query = self.query.contiguous()
         self.positives = positives.build(query_labels, key_labels, query.shape[0], key.shape[0], query.device, self.acc)
+
+
+RECOMPUTE_ERROR = 2.0 ** -4  # largest rounding error of a recomputed logit the backward accepts
+
+
+def _largest_norm(x: Tensor) -> float:
+    return max(float(torch.linalg.vector_norm(x[start:start + positives.CHUNK_ROWS], dim=1, dtype=torch.float64).max())
+               for start in range(0, x.shape[0], positives.CHUNK_ROWS))
+
+
+def _check_recomputable(p: _Prepared, scale: float) -> None:
+    """The backward recomputes each logit and exponentiates ``s_ij - lse_i``: a rounding error of about
+    ``eps * scale * ||q_i|| ||k_j||`` must stay well under 1, or the softmax weights come out wrong."""
+    reach = scale if p.key_inv_norm is not None else scale * _largest_norm(p.query) * _largest_norm(p.key)
+    limit = RECOMPUTE_ERROR / torch.finfo(p.acc).eps
+    if reach > limit:
+        raise ValueError(f"ddfast.infonce cannot differentiate logits reaching |<q, k>| / temperature = {reach:.3g} in "
+                         f"{p.acc} (recomputed softmax weights need it under {limit:.3g}): raise the temperature, "
+                         f"use float64 inputs, or backend='reference'")
 
 
 @torch.library.custom_op("ddfast::infonce_forward", mutates_args=())
@@ -77,8 +90,9 @@ def infonce_forward(query: Tensor, key: Tensor, query_labels: Optional[Tensor], 
     p = _Prepared(query, key, query_labels, key_labels, normalize)
     lse = run.lse(p.query, p.key, p.key_inv_norm, scale)
     valid = p.positives.count > 0
-    rows = torch.where(valid, lse - positives.mean_logit(p.positives, p.query, p.key, p.key_inv_norm, scale), 0.0)
-    return rows, lse, valid
+    loss = torch.where(valid, lse - positives.mean_logit(p.positives, p.query, p.key, p.key_inv_norm, scale), 0.0)
+    check_logits(lse, loss, p.acc)
+    return loss, lse, valid
 
 
 @infonce_forward.register_fake
@@ -86,19 +100,6 @@ def _(query, key, query_labels, key_labels, temperature, normalize, backend):
     acc = accumulation_dtype(query.dtype)
     n = query.shape[0]
     return query.new_empty(n, dtype=acc), query.new_empty(n, dtype=acc), query.new_empty(n, dtype=torch.bool)
-
-
-def _normalize_backward_(x: Tensor, inv_norm: Tensor, grad: Tensor) -> Tensor:
-    """In place: gradient wrt normalised rows ``x_i * r_i`` -> wrt raw rows ``x_i``, in bounded chunks."""
-    for start in range(0, x.shape[0], positives.CHUNK_ROWS):
-        stop = start + positives.CHUNK_ROWS
-        r, g = inv_norm[start:stop, None], grad[start:stop]
-        rows = x[start:stop].to(g.dtype)
-        radial = (rows * g).sum(1, keepdim=True) * r * r
-        # F.normalize clamps norms at 1e-12: rows under it are scaled by a constant, no radial part
-        radial = torch.where(r < 1e12, radial, 0.0)
-        g.sub_(rows * radial).mul_(r)
-    return grad
 
 
 @torch.library.custom_op("ddfast::infonce_backward", mutates_args=())
@@ -110,18 +111,20 @@ def infonce_backward(grad_rows: Tensor, query: Tensor, key: Tensor, query_labels
     scale = _scale(temperature)
     run = kernels(backend, query)
     p = _Prepared(query, key, query_labels, key_labels, normalize)
+    _check_recomputable(p, scale)
     weight = torch.where(p.positives.count > 0, grad_rows.to(p.acc), 0.0)
     grad_query, grad_key = run.grads(p.query, p.key, p.key_inv_norm, scale, lse, weight,
                                      need_query or need_temperature, need_key)
     positives.subtract_grads(p.positives, weight, p.query, p.key, p.key_inv_norm, scale, grad_query, grad_key)
     grad_temperature = query.new_empty(0)
     if need_temperature:
-        # s_ij is bilinear in the normalised rows and proportional to 1 / T
-        grad_temperature = (-(p.query * grad_query).sum() * scale).reshape(temperature.shape).to(temperature.dtype)
+        # s_ij is bilinear in the normalised rows and proportional to 1 / T (summed in float64: 1 / T may be large)
+        grad_temperature = (-(p.query * grad_query).sum(dtype=torch.float64) * scale).reshape(temperature.shape)
+        grad_temperature = grad_temperature.to(temperature.device, temperature.dtype)
     if need_query and normalize:
-        _normalize_backward_(query, p.query_inv_norm, grad_query)
+        rows.normalize_backward_(p.query_rows, grad_query)
     if need_key and normalize:
-        _normalize_backward_(p.key, p.key_inv_norm, grad_key)
+        rows.normalize_backward_(p.key_rows, grad_key)
     return (grad_query.to(query.dtype) if need_query else query.new_empty(0),
             grad_key.to(key.dtype) if need_key else query.new_empty(0),
             grad_temperature)
@@ -130,9 +133,12 @@ def infonce_backward(grad_rows: Tensor, query: Tensor, key: Tensor, query_labels
 @infonce_backward.register_fake
 def _(grad_rows, query, key, query_labels, key_labels, temperature, lse, normalize, need_query, need_key,
       need_temperature, backend):
-    return (torch.empty_like(query) if need_query else query.new_empty(0),
-            torch.empty_like(key) if need_key else query.new_empty(0),
-            torch.empty_like(temperature) if need_temperature else query.new_empty(0))
+    return (query.new_empty(query.shape) if need_query else query.new_empty(0),
+            key.new_empty(key.shape) if need_key else query.new_empty(0),
+            temperature.new_empty(temperature.shape) if need_temperature else query.new_empty(0))
+
+
+_transforms.refuse_double_backward("ddfast.infonce", infonce_backward)
 
 
 def _setup_context(ctx, inputs, output):

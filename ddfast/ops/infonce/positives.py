@@ -25,11 +25,14 @@ class Positives(NamedTuple):
 
 def build(query_labels: torch.Tensor | None, key_labels: torch.Tensor | None, n: int, m: int,
           device: torch.device, dtype: torch.dtype) -> Positives:
-    """Class indices and per-query positive counts (``dtype``) for either positive mode."""
+    """Class indices and per-query positive counts (``dtype``) for either positive mode.
+
+    Labels of any integer dtype (and any layout) are compared as int64 values: every value is a class.
+    """
     if query_labels is None:
         count = (torch.arange(n, device=device) < m).to(dtype)
         return Positives(None, None, 0, count)
-    classes, index = torch.unique(torch.cat([query_labels, key_labels]), return_inverse=True)
+    classes, index = torch.unique(torch.cat([query_labels.long(), key_labels.long()]), return_inverse=True)
     query_class, key_class = index[:n], index[n:]
     per_class = torch.bincount(key_class, minlength=classes.numel()).to(dtype)
     return Positives(query_class, key_class, classes.numel(), per_class[query_class])
@@ -66,21 +69,24 @@ def mean_logit(pos: Positives, query: torch.Tensor, key: torch.Tensor, key_inv_n
 
 
 def subtract_grads(pos: Positives, weight: torch.Tensor, query: torch.Tensor, key: torch.Tensor,
-                   key_inv_norm: torch.Tensor | None, scale: float, grad_query: torch.Tensor,
+                   key_inv_norm: torch.Tensor | None, scale: float, grad_query: torch.Tensor | None,
                    grad_key: torch.Tensor | None) -> None:
     """Subtract the positive term's gradient, in place, from the normalised-input gradients.
 
     ``weight`` (N,): upstream gradient per query (0 for queries without positives);
-    ``grad_query`` (N, D) and ``grad_key`` (M, D) are gradients with respect to the normalised rows.
+    ``grad_query`` (N, D) and ``grad_key`` (M, D) are gradients with respect to the normalised rows
+    (``None``: not needed).
     """
     w = scale * weight / pos.count.clamp_min(1)
     if pos.query_class is None:
         n = min(query.shape[0], key.shape[0])
-        grad_query[:n] -= w[:n, None] * key_rows(key, key_inv_norm, 0, n, query.dtype)
+        if grad_query is not None:
+            grad_query[:n] -= w[:n, None] * key_rows(key, key_inv_norm, 0, n, query.dtype)
         if grad_key is not None:
             grad_key[:n] -= w[:n, None] * query[:n]
         return
-    grad_query -= w[:, None] * key_class_sums(pos, key, key_inv_norm, query.dtype)[pos.query_class]
+    if grad_query is not None:
+        grad_query -= w[:, None] * key_class_sums(pos, key, key_inv_norm, query.dtype)[pos.query_class]
     if grad_key is not None:
         query_sums = query.new_zeros(pos.num_classes, query.shape[1]).index_add_(0, pos.query_class, w[:, None] * query)
         for start in range(0, key.shape[0], CHUNK_ROWS):

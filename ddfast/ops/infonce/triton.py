@@ -10,7 +10,7 @@ while key tiles stream past; the logits exist only tile by tile, in the log2 dom
   rows of its output (queries for dq, keys for dk) and loops over the other side, so there are no
   atomics and results are deterministic; the dk launch is skipped when keys need no gradient.
 
-Inputs are read in their own dtype (bf16 / fp16 tensor cores); accumulation is float32 (float64
+Row offsets are 64-bit (M x D may exceed 2^31 elements). Inputs are read in their own dtype (bf16 / fp16 tensor cores); accumulation is float32 (float64
 for float64 inputs). float32 inputs use full-precision dots unless
 ``torch.backends.cuda.matmul.allow_tf32`` is set.
 """
@@ -47,7 +47,7 @@ def _lse_kernel(Q, K, RK, MAX_OUT, SUM_OUT, n, m, d, stride_q, stride_k, keys_pe
     rows = tl.program_id(0) * BLOCK_A + tl.arange(0, BLOCK_A)
     split = tl.program_id(1)
     dims = tl.arange(0, BLOCK_D)
-    q = tl.load(Q + rows[:, None] * stride_q + dims[None, :], mask=(rows[:, None] < n) & (dims[None, :] < d), other=0.0)
+    q = tl.load(Q + rows.to(tl.int64)[:, None] * stride_q + dims[None, :], mask=(rows[:, None] < n) & (dims[None, :] < d), other=0.0)
     run_max = tl.full([BLOCK_A], float("-inf"), ACC)
     run_sum = tl.zeros([BLOCK_A], ACC)
     start = split * keys_per_split
@@ -55,7 +55,7 @@ def _lse_kernel(Q, K, RK, MAX_OUT, SUM_OUT, n, m, d, stride_q, stride_k, keys_pe
     for k0 in range(start, stop, BLOCK_B):
         cols = k0 + tl.arange(0, BLOCK_B)
         col_ok = cols < stop
-        k = tl.load(K + cols[:, None] * stride_k + dims[None, :], mask=col_ok[:, None] & (dims[None, :] < d), other=0.0)
+        k = tl.load(K + cols.to(tl.int64)[:, None] * stride_k + dims[None, :], mask=col_ok[:, None] & (dims[None, :] < d), other=0.0)
         s = _dot(q, tl.trans(k), ACC, PRECISION, UPCAST)
         if HAS_NORM:
             s = s * (tl.load(RK + cols, mask=col_ok, other=0.0) * scale_log2e)[None, :]
@@ -83,7 +83,7 @@ def _grad_kernel(A, B, RK, LSE2, WEIGHT, OUT, n_a, n_b, d, stride_a, stride_b, b
     split = tl.program_id(1)
     dims = tl.arange(0, BLOCK_D)
     row_ok = rows < n_a
-    a = tl.load(A + rows[:, None] * stride_a + dims[None, :], mask=row_ok[:, None] & (dims[None, :] < d), other=0.0)
+    a = tl.load(A + rows.to(tl.int64)[:, None] * stride_a + dims[None, :], mask=row_ok[:, None] & (dims[None, :] < d), other=0.0)
     if QUERY_ROWS:
         row_lse = tl.load(LSE2 + rows, mask=row_ok, other=0.0)
         row_weight = tl.load(WEIGHT + rows, mask=row_ok, other=0.0)
@@ -95,7 +95,7 @@ def _grad_kernel(A, B, RK, LSE2, WEIGHT, OUT, n_a, n_b, d, stride_a, stride_b, b
     for b0 in range(start, stop, BLOCK_B):
         cols = b0 + tl.arange(0, BLOCK_B)
         col_ok = cols < stop
-        b = tl.load(B + cols[:, None] * stride_b + dims[None, :], mask=col_ok[:, None] & (dims[None, :] < d), other=0.0)
+        b = tl.load(B + cols.to(tl.int64)[:, None] * stride_b + dims[None, :], mask=col_ok[:, None] & (dims[None, :] < d), other=0.0)
         s = _dot(a, tl.trans(b), ACC, PRECISION, UPCAST)
         if QUERY_ROWS:
             if HAS_NORM:
@@ -116,7 +116,7 @@ def _grad_kernel(A, B, RK, LSE2, WEIGHT, OUT, n_a, n_b, d, stride_a, stride_b, b
             p = tl.exp2(s - col_lse[None, :]) * col_weight[None, :]
         p = tl.where(col_ok[None, :], p, 0.0)
         acc += _dot(p.to(b.dtype), b, ACC, PRECISION, UPCAST)
-    out = OUT + (split * n_a + rows[:, None]) * d + dims[None, :]
+    out = OUT + (split * n_a + rows.to(tl.int64)[:, None]) * d + dims[None, :]
     tl.store(out, acc * scale, mask=row_ok[:, None] & (dims[None, :] < d))
 
 
@@ -170,7 +170,11 @@ def _types(query: torch.Tensor, key: torch.Tensor):
         precision = None  # bf16 / fp16 products are exact, accumulated in float32
     constexprs = {"ACC": tl.float64 if key.dtype == torch.float64 else tl.float32, "PRECISION": precision,
                   "UPCAST": triton_interpreted() and key.dtype == torch.bfloat16}
-    return query.to(key.dtype).contiguous(), key.contiguous(), constexprs
+    query, key = query.to(key.dtype).contiguous(), key.contiguous()
+    # the kernels step rows by stride(0) and assume unit stride along D
+    assert query.stride(1) == 1 or query.shape[1] == 1, query.stride()
+    assert key.stride(1) == 1 or key.shape[1] == 1, key.stride()
+    return query, key, constexprs
 
 
 def lse(query: torch.Tensor, key: torch.Tensor, key_inv_norm: torch.Tensor | None, scale: float) -> torch.Tensor:
