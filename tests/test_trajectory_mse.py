@@ -384,7 +384,7 @@ def test_triton_kernels_compile_for_hopper(dtype):
     acc = {"ACC": f"tl.float{acc_name[2:]}"}
     types = {"DTYPE": f"tl.{str(dtype).removeprefix('torch.')}", **acc, "TENSORS": 64, "CHUNK": kernels.CHUNK, "BLOCK": kernels.BLOCK}
     common = {"module": "ddfast.ops.trajectory_mse.triton", "floats": [], **kernels.LAUNCH}
-    per_trajectory = {name: f"*{acc_name}" for name in ("grad", "loss", "den", "partial_num", "partial_den")}
+    per_trajectory = {name: f"*{acc_name}" for name in ("grad", "loss", "num", "den", "partial_num", "partial_den")}
     specs = [
         {**common, "kernel": "_partials_kernel", "pointers": {"table": "*i64", **per_trajectory}, "constexprs": types},
         {**common, "kernel": "_finish_kernel", "pointers": per_trajectory, "constexprs": {"BLOCK": kernels.FINISH_BLOCK}},
