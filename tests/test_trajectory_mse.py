@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+
 import numpy as np
 import pytest
 import torch
@@ -12,6 +14,8 @@ from ddfast.ops.trajectory_mse import REGISTRY, reference
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 KERNELS = [(device, name) for device in DEVICES for name in REGISTRY.names() if name != "reference"]
 KERNEL_IDS = [f"{device}-{name}" for device, name in KERNELS]
+BACKENDS = [(device, name) for device in DEVICES for name in REGISTRY.names()]  # the reference too
+BACKEND_IDS = [f"{device}-{name}" for device, name in BACKENDS]
 
 # Argument forms: (shapes of the student's tensors, is a list, batched). Row lengths are odd and
 # cross the kernels' chunk sizes (2048 for cpu, 4096 for triton, 8192 for cuda); B = 1 and B > 1.
@@ -144,14 +148,25 @@ def test_reference_is_the_mtt_formula():
         torch.testing.assert_close(got, expected, rtol=1e-14, atol=0)
 
 
-@pytest.mark.parametrize("needs", [(True, False, False), (False, True, False), (False, False, True), (False, True, True), (False, False, False)],
-                         ids=["student", "start", "target", "start+target", "none"])
+SUBSETS = list(itertools.product((False, True), repeat=3))  # requires_grad of (student, start, target)
+SUBSET_IDS = ["+".join(n for n, need in zip(("student", "start", "target"), needs) if need) or "none" for needs in SUBSETS]
+
+
+def weights_for(reduction, trajectories, device):
+    """A different upstream gradient for every trajectory where the loss is per trajectory."""
+    return torch.linspace(-1.0, 2.0, trajectories, dtype=torch.float64, device=device) if reduction == "none" else None
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("needs", SUBSETS, ids=SUBSET_IDS)
 @pytest.mark.parametrize("device,name", KERNELS, ids=KERNEL_IDS)
-def test_gradients_only_where_needed(device, name, needs):
+def test_gradients_only_where_needed(device, name, needs, reduction):
+    """Every subset of {student, start, target} requiring a gradient, every reduction."""
     backend_or_skip(device, name)
     args = make_inputs("list_B3", device=device, requires_grad=needs)
-    expected, expected_grads = loss_and_grads(args, backend="reference", reduction="mean", batched=True)
-    actual, actual_grads = loss_and_grads(args, backend=name, reduction="mean", batched=True)
+    weights = weights_for(reduction, 3, device)
+    expected, expected_grads = loss_and_grads(args, backend="reference", reduction=reduction, batched=True, weights=weights)
+    actual, actual_grads = loss_and_grads(args, backend=name, reduction=reduction, batched=True, weights=weights)
     torch.testing.assert_close(actual, expected, rtol=1e-13, atol=0)
     assert actual.requires_grad == any(needs)
     for got, want in zip(actual_grads, expected_grads):
@@ -160,16 +175,18 @@ def test_gradients_only_where_needed(device, name, needs):
             assert_close_tensors(got, want, rtol=1e-12)
 
 
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
 @pytest.mark.parametrize("device,name", KERNELS, ids=KERNEL_IDS)
-def test_gradients_for_part_of_a_list(device, name):
-    """Only some of the student's tensors require a gradient (e.g. frozen layers)."""
+def test_gradients_for_part_of_a_list(device, name, reduction):
+    """Only some tensors of each list require a gradient (e.g. frozen layers, a partly learned target)."""
     backend_or_skip(device, name)
     student, start, target = make_inputs("list_B3", device=device, requires_grad=(False, False, False))
-    student[0].requires_grad_(True)
-    student[2].requires_grad_(True)
+    for tensor in (student[0], student[2], start[1], target[2], target[4]):
+        tensor.requires_grad_(True)
     args = (student, start, target)
-    _, expected_grads = loss_and_grads(args, backend="reference", reduction="sum", batched=True)
-    _, actual_grads = loss_and_grads(args, backend=name, reduction="sum", batched=True)
+    weights = weights_for(reduction, 3, device)
+    _, expected_grads = loss_and_grads(args, backend="reference", reduction=reduction, batched=True, weights=weights)
+    _, actual_grads = loss_and_grads(args, backend=name, reduction=reduction, batched=True, weights=weights)
     assert [g is None for g in actual_grads] == [g is None for g in expected_grads]
     for got, want in zip(actual_grads, expected_grads):
         if got is not None:
@@ -235,27 +252,16 @@ def test_float32_error_does_not_grow_with_length(device, name):
 
 
 @pytest.mark.filterwarnings("ignore:divide by zero:RuntimeWarning")  # the Triton interpreter's numpy divides 0 / 0 before the check
-@pytest.mark.parametrize("device,name", [(d, n) for d in DEVICES for n in REGISTRY.names()],
-                         ids=[f"{d}-{n}" for d in DEVICES for n in REGISTRY.names()])
-def test_zero_denominator_raises(device, name):
+@pytest.mark.parametrize("case", ["matrix_B3", "list_B3"])
+@pytest.mark.parametrize("device,name", BACKENDS, ids=BACKEND_IDS)
+def test_zero_denominator_raises(device, name, case):
+    """Only trajectory 1 has start == target (in every tensor of a list): every backend names it."""
     backend_or_skip(device, name, torch.float32)
-    student, start, target = make_inputs("matrix_B3", dtype=torch.float32, device=device, requires_grad=(True, False, False))
-    start = start.detach().clone()
-    start[1] = target[1]
+    student, start, target = make_inputs(case, dtype=torch.float32, device=device, requires_grad=(False, False, False))
+    for x, t in zip(*(arg if isinstance(arg, list) else [arg] for arg in (start, target))):
+        x[1] = t[1]
     with pytest.raises(ValueError, match=r"\|\|start - target\|\|\^2 is zero for trajectory \[1\]"):
-        trajectory_mse(student, start, target, backend=name)
-
-
-def test_non_contiguous_inputs():
-    base = torch.randn(4001, 3, dtype=torch.float64, requires_grad=True)
-    student = base.t()  # (3, 4001), not contiguous
-    start, target = torch.randn(3, 4001, dtype=torch.float64), torch.randn(3, 4001, dtype=torch.float64)
-    for name in REGISTRY.available("cpu", torch.float64):
-        loss = trajectory_mse(student, start, target, backend=name)
-        (grad,) = torch.autograd.grad(loss, base)
-        expected = 2 * (student - target) / (start - target).pow(2).sum(1, keepdim=True) / 3
-        torch.testing.assert_close(loss, reference.trajectory_mse(student, start, target), rtol=1e-13, atol=0)
-        assert_close_tensors(grad, expected.t(), rtol=1e-12)
+        trajectory_mse(student.requires_grad_() if case == "matrix_B3" else student, start, target, batched=True, backend=name)
 
 
 @pytest.mark.parametrize("device,name", KERNELS, ids=KERNEL_IDS)
@@ -308,15 +314,23 @@ BAD_INPUTS = {
     "empty list": (lambda s, st, t: ([], [], []), ValueError, "student is an empty list"),
     "leading dims": (lambda s, st, t: ([x[:2] if i == 1 else x for i, x in enumerate(s)],) * 3, ValueError, r"student\[1\] has leading dimension 2"),
     "0-d in batched list": (lambda s, st, t: ([x[0, 0] if x.dim() == 2 else x for x in s],) * 3, ValueError, r"student\[2\] is a 0-dimensional"),
+    "complex dtype": (lambda s, st, t: (s, st, [torch.complex(t[0], t[0])] + t[1:]), TypeError, r"target\[0\] must have dtype"),
+    "bool dtype": (lambda s, st, t: (s, [st[0] > 0] + st[1:], t), TypeError, r"start\[0\] must have dtype"),
+    "nested list": (lambda s, st, t: ([s[:2]] + s[1:], st, t), TypeError, r"student\[0\] must be a torch.Tensor"),
+    "no trajectories": (lambda s, st, t: tuple([x[:0] for x in arg] for arg in (s, st, t)), ValueError, r"no trajectories \(B = 0\)"),
+    "no elements": (lambda s, st, t: tuple([x.new_empty(3, 0) for x in arg] for arg in (s, st, t)), ValueError, "no elements"),
+    "float16 with float32": (lambda s, st, t: ([x.half() for x in s], [x.half() for x in st], [x.float() for x in t]), TypeError,
+                             r"target\[0\] has dtype torch.float32 but student\[0\] has torch.float16"),
 }
 
 
 @pytest.mark.parametrize("case", list(BAD_INPUTS))
-def test_bad_inputs_are_named(case):
+@pytest.mark.parametrize("name", REGISTRY.names())
+def test_bad_inputs_are_named(case, name):
     make, error, message = BAD_INPUTS[case]
     student, start, target = make_inputs("list_B3", requires_grad=(False, False, False))
     with pytest.raises(error, match=message):
-        trajectory_mse(*make(student, start, target), batched=True)
+        trajectory_mse(*make(student, start, target), batched=True, backend=name)
 
 
 def test_bad_tensor_forms_and_options():
@@ -345,9 +359,9 @@ def test_registered_operators_pass_opcheck():
     name = "cpu" if REGISTRY.problem("cpu", torch.device("cpu"), torch.float32) is None else "torch"
     torch.library.opcheck(torch.ops.ddfast.trajectory_mse_forward.default, (student, start, target, 3, name))
     detached = [[x.detach() for x in arg] for arg in (student, start, target)]
-    loss, den = torch.ops.ddfast.trajectory_mse_forward(*detached, 3, name)
+    loss, den, exponent = torch.ops.ddfast.trajectory_mse_forward(*detached, 3, name)
     needs = [True] * 5 + [False] * 5 + [False, True, False, True, True]
-    torch.library.opcheck(torch.ops.ddfast.trajectory_mse_backward.default, (torch.ones(3), loss, den, *detached, needs, name))
+    torch.library.opcheck(torch.ops.ddfast.trajectory_mse_backward.default, (torch.ones(3), loss, den, exponent, *detached, needs, name))
 
 
 def test_torch_compile_fullgraph():
@@ -384,7 +398,7 @@ def test_triton_kernels_compile_for_hopper(dtype):
     acc = {"ACC": f"tl.float{acc_name[2:]}"}
     types = {"DTYPE": f"tl.{str(dtype).removeprefix('torch.')}", **acc, "TENSORS": 64, "CHUNK": kernels.CHUNK, "BLOCK": kernels.BLOCK}
     common = {"module": "ddfast.ops.trajectory_mse.triton", "floats": [], **kernels.LAUNCH}
-    per_trajectory = {name: f"*{acc_name}" for name in ("grad", "loss", "den", "partial_num", "partial_den")}
+    per_trajectory = {name: f"*{acc_name}" for name in ("grad", "loss", "num", "den", "partial_num", "partial_den")}
     specs = [
         {**common, "kernel": "_partials_kernel", "pointers": {"table": "*i64", **per_trajectory}, "constexprs": types},
         {**common, "kernel": "_finish_kernel", "pointers": per_trajectory, "constexprs": {"BLOCK": kernels.FINISH_BLOCK}},
@@ -393,3 +407,315 @@ def test_triton_kernels_compile_for_hopper(dtype):
     ]
     for spec, shared in zip(specs, hopper.shared_memory(specs)):
         assert 0 <= shared <= hopper.SHARED_MEMORY_PER_BLOCK, (spec["kernel"], shared)
+
+
+# ---- odd layouts -------------------------------------------------------------------------------
+
+LAYOUT_LENGTH = 4099  # crosses the cpu (2048) and triton (4096) chunks
+
+
+def in_layout(kind: str, shape: tuple, generator, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(tensor of ``shape`` laid out as ``kind``, the leaf it is a view of); float64 values in [0, 1)."""
+    def leaf(*size):
+        return torch.rand(size, generator=generator, dtype=torch.float64).to(device).requires_grad_(True)
+
+    rows, columns = shape if len(shape) == 2 else (1, shape[0] if shape else 1)
+    if kind == "contiguous":
+        base = leaf(*shape)
+        return base, base
+    if kind == "strided":  # every other column
+        base = leaf(rows, 2 * columns)
+        view = base[:, ::2]
+    elif kind == "transposed":
+        base = leaf(columns, rows)
+        view = base.t()
+    elif kind == "expanded":  # stride 0 over the rows
+        base = leaf(1, columns)
+        view = base.expand(rows, columns)
+    elif kind == "offset":  # storage offset of one element: not 16-byte aligned
+        base = leaf(rows * columns + 1)
+        view = base[1:].view(rows, columns)
+    else:
+        raise AssertionError(kind)
+    return view.reshape(shape) if len(shape) < 2 else view, base
+
+
+LAYOUTS = ("strided", "transposed", "expanded", "offset", "contiguous")
+# (shapes, batched, layout of tensor i of argument k: LAYOUTS[(i + k + shift) % 5])
+LAYOUT_CASES = {
+    **{f"matrix-{kind}": ([(3, LAYOUT_LENGTH)], True, LAYOUTS.index(kind)) for kind in LAYOUTS[:4]},
+    "batched list, mixed layouts": ([(3, LAYOUT_LENGTH), (3, 5), (3, 1), (3, 7), (3, 2)], True, 0),
+    "one trajectory, mixed layouts": ([(1, LAYOUT_LENGTH), (4, 6), (5,), (2, 3), (1, 1)], None, 2),
+    "0-dim tensors": ([(), (7,), (), (2, 3)], None, 4),
+}
+
+
+def layout_inputs(case, device):
+    """student, start, target of a LAYOUT_CASES case (lists, or tensors for the matrix cases), and every leaf."""
+    shapes, batched, shift = LAYOUT_CASES[case]
+    generator = torch.Generator().manual_seed(3)
+    args, leaves_ = [], []
+    for k in range(3):
+        tensors = []
+        for i, shape in enumerate(shapes):
+            kind = LAYOUTS[(i + k + shift) % len(LAYOUTS)] if shape else "contiguous"
+            view, leaf = in_layout(kind, shape, generator, device)
+            tensors.append(view * (0.5 if k == 0 else 1.5) if kind == "contiguous" else view)
+            leaves_.append(leaf)
+        args.append(tensors if case[:6] != "matrix" else tensors[0])
+    return args, batched, leaves_
+
+
+def grads_of(loss, weights, wanted):
+    """Gradients of ``sum(weights * loss)``, keeping the graph (views of the leaves are shared by two losses)."""
+    return torch.autograd.grad((loss * weights).sum() if weights is not None else loss, wanted, retain_graph=True)
+
+
+@pytest.mark.parametrize("case", list(LAYOUT_CASES))
+@pytest.mark.parametrize("device,name", BACKENDS, ids=BACKEND_IDS)
+def test_odd_layouts_match_reference(device, name, case):
+    """Strided, transposed, expanded (stride 0), misaligned, 0-dim, mixed within a list: float64 loss and
+    every leaf's gradient as the reference computes them on contiguous copies."""
+    backend_or_skip(device, name)
+    args, batched, wanted = layout_inputs(case, device)
+    copies = [[x.clone(memory_format=torch.contiguous_format) for x in arg] if isinstance(arg, list) else arg.clone() for arg in args]
+    assert any(not x.is_contiguous() or x.storage_offset() for x in leaves(args) if x.dim())
+    loss = trajectory_mse(*args, reduction="none", batched=batched, backend=name)
+    expected = trajectory_mse(*copies, reduction="none", batched=batched, backend="reference")
+    torch.testing.assert_close(loss, expected, rtol=1e-13, atol=0)
+    weights = weights_for("none", loss.numel(), device)
+    for got, want in zip(grads_of(loss, weights, wanted), grads_of(expected, weights, wanted)):
+        assert_close_tensors(got, want, rtol=1e-12)
+
+
+@pytest.mark.parametrize("device,name", BACKENDS, ids=BACKEND_IDS)
+def test_the_same_tensor_passed_twice(device, name):
+    """One tensor twice in a list (tied weights) and as both student and target (loss 0, gradient 0)."""
+    backend_or_skip(device, name)
+    generator = torch.Generator().manual_seed(4)
+    tied, other, *fixed = (torch.rand(3, 257, generator=generator, dtype=torch.float64).to(device).requires_grad_(True) for _ in range(6))
+    cases = [([tied, tied], [other, fixed[0]], [fixed[1], fixed[2]]), ([tied, other], fixed[:2], [tied, fixed[3]])]
+    for student, start, target in cases:
+        loss = trajectory_mse(student, start, target, reduction="sum", batched=True, backend=name)
+        expected = trajectory_mse(student, start, target, reduction="sum", batched=True, backend="reference")
+        torch.testing.assert_close(loss, expected, rtol=1e-13, atol=0)
+        for got, want in zip(torch.autograd.grad(loss, [tied, other]), torch.autograd.grad(expected, [tied, other])):
+            assert_close_tensors(got, want, rtol=1e-12)
+    same = trajectory_mse(tied, other, tied, reduction="none", backend=name)
+    assert torch.equal(same, torch.zeros(3, dtype=torch.float64, device=device))
+    (grad,) = torch.autograd.grad(same.sum(), tied)
+    assert torch.equal(grad, torch.zeros_like(tied))
+
+
+@pytest.mark.parametrize("name", [n for n in REGISTRY.names() if n != "cuda"])
+def test_buffer_at_an_odd_byte_offset(name):
+    """A tensor read from a byte buffer at an offset that is not a multiple of its element size."""
+    backend_or_skip("cpu", name)
+    student, start, target = make_inputs("matrix_B3", requires_grad=(False, False, False))
+    buffer = bytearray(student.numel() * 8 + 1)
+    odd = torch.frombuffer(buffer, dtype=torch.float64, offset=1, count=student.numel()).view(student.shape)
+    assert odd.data_ptr() % 8 != 0
+    odd.copy_(student)
+    odd.requires_grad_(True)
+    loss = trajectory_mse(odd, start, target, backend=name)
+    expected = reference.trajectory_mse(student.requires_grad_(True), start, target)
+    torch.testing.assert_close(loss, expected, rtol=1e-13, atol=0)
+    assert_close_tensors(torch.autograd.grad(loss, odd)[0], torch.autograd.grad(expected, student)[0], rtol=1e-12)
+
+
+# ---- transforms --------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("form", ["tensor", "list"])
+@pytest.mark.parametrize("device,name", BACKENDS, ids=BACKEND_IDS)
+def test_vmap_matches_reference(device, name, form):
+    """torch.func.vmap over 2 entries, the vmapped dimension in different places (and shared start):
+    loss and the gradients of its weighted sum, against the reference entry by entry."""
+    backend_or_skip(device, name)
+    generator = torch.Generator().manual_seed(5)
+
+    def leaf(*shape):
+        return torch.rand(shape, generator=generator, dtype=torch.float64).to(device).requires_grad_(True)
+
+    if form == "tensor":
+        student, start, target = leaf(2, 3, 4099), leaf(3, 4099), leaf(3, 4099, 2)
+        in_dims, entry = (0, None, 2), lambda v: (student[v], start, target[..., v])
+    else:
+        student, start, target = [leaf(2, 3, 5), leaf(3, 2, 7)], [leaf(3, 5), leaf(3, 7)], [leaf(2, 3, 5), leaf(3, 7, 2)]
+        in_dims = ([0, 1], None, [0, 2])
+        entry = lambda v: ([student[0][v], student[1][:, v]], start, [target[0][v], target[1][..., v]])
+    loss = torch.func.vmap(lambda *args: trajectory_mse(*args, reduction="none", batched=True, backend=name), in_dims=in_dims)(student, start, target)
+    expected = torch.stack([reference.trajectory_mse(*entry(v), reduction="none", batched=True) for v in range(2)])
+    torch.testing.assert_close(loss, expected, rtol=1e-13, atol=0)
+    weights = torch.tensor([[1.0, -2.0, 0.5], [3.0, 1.0, -1.0]], dtype=torch.float64, device=device)
+    wanted = leaves((student, start, target))
+    for got, want in zip(grads_of(loss, weights, wanted), grads_of(expected, weights, wanted)):
+        assert_close_tensors(got, want, rtol=1e-12)
+
+
+def refused_transforms():
+    """name -> run(f, x): each applies a transform the fused operators cannot follow to f at x."""
+    def forward_ad(f, x):
+        with torch.autograd.forward_ad.dual_level():
+            return f(torch.autograd.forward_ad.make_dual(x, torch.ones_like(x)))
+
+    def double_backward(f, x):
+        (grad,) = torch.autograd.grad(f(x), x, create_graph=True)
+        grad.square().sum().backward()
+
+    return {
+        "jvp": lambda f, x: torch.func.jvp(f, (x,), (torch.ones_like(x),)),
+        "jacfwd": lambda f, x: torch.func.jacfwd(f)(x),
+        "forward_ad": forward_ad,
+        "grad": lambda f, x: torch.func.grad(f)(x),
+        "vjp": lambda f, x: torch.func.vjp(f, x),
+        "jacrev": lambda f, x: torch.func.jacrev(f)(x),
+        "vmap of grad": lambda f, x: torch.func.vmap(torch.func.grad(f))(x.unsqueeze(0)),
+        "double backward": double_backward,
+    }
+
+
+@pytest.mark.parametrize("argument", ["student", "start", "target"])
+@pytest.mark.parametrize("transform", list(refused_transforms()))
+@pytest.mark.parametrize("device,name", KERNELS, ids=KERNEL_IDS)
+def test_unsupported_transforms_are_refused(device, name, transform, argument):
+    """Forward-mode AD (its tangent would come out 0), torch.func.grad / vjp / jacrev and double backward
+    raise NotImplementedError naming the op, whichever input is differentiated."""
+    backend_or_skip(device, name)
+    args = make_inputs("matrix_B1", device=device, requires_grad=(False, False, False))
+    index = ("student", "start", "target").index(argument)
+
+    def f(x):
+        return trajectory_mse(*args[:index], x, *args[index + 1:], backend=name)
+
+    with pytest.raises(NotImplementedError, match=r"ddfast\.trajectory_mse does not support"):
+        refused_transforms()[transform](f, args[index].clone().requires_grad_(True))
+
+
+def test_reference_supports_every_transform():
+    """backend='reference': jvp, forward AD, grad, jacrev / jacfwd and double backward are right."""
+    student, start, target = make_inputs("list_B1", requires_grad=(False, False, False))
+    tangents = [torch.randn_like(x) for x in student]
+
+    def f(*student):
+        return reference.trajectory_mse(list(student), start, target, reduction="sum", batched=True)
+
+    value, tangent = torch.func.jvp(f, tuple(student), tuple(tangents))
+    leaves_ = [x.clone().requires_grad_(True) for x in student]
+    grads = torch.autograd.grad(f(*leaves_), leaves_, create_graph=True)
+    torch.testing.assert_close(value, f(*student), rtol=0, atol=0)
+    torch.testing.assert_close(tangent, sum((g * v).sum() for g, v in zip(grads, tangents)), rtol=1e-12, atol=0)
+    for got, want in zip(torch.func.grad(f, argnums=tuple(range(len(student))))(*student), grads):
+        assert_close_tensors(got, want, rtol=1e-13)
+    small = [torch.rand(2, 3, dtype=torch.float64, requires_grad=True) for _ in range(3)]
+    g = lambda *args: reference.trajectory_mse(*args, reduction="none")
+    assert torch.autograd.gradgradcheck(g, tuple(small))
+    for got, want in zip(torch.func.jacrev(g, argnums=(0, 1, 2))(*small), torch.func.jacfwd(g, argnums=(0, 1, 2))(*small)):
+        torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-14)
+
+
+@pytest.mark.parametrize("device,name", BACKENDS, ids=BACKEND_IDS)
+def test_unrolled_sgd_student_differentiates_to_the_data(device, name):
+    """The MTT pattern: a student trained by unrolled SGD (create_graph=True) on learnable data, matched to
+    a target, then one ordinary backward to the data; a first-order create_graph=True gradient works."""
+    backend_or_skip(device, name)
+    generator = torch.Generator().manual_seed(6)
+    images = torch.randn(8, 5, generator=generator, dtype=torch.float64).to(device).requires_grad_(True)
+    labels = torch.randn(8, 3, generator=generator, dtype=torch.float64).to(device)
+    start = [torch.randn(5, 3, generator=generator, dtype=torch.float64).to(device), torch.zeros(3, dtype=torch.float64, device=device)]
+    target = [x + 0.3 * torch.randn(x.shape, generator=generator, dtype=torch.float64).to(device) for x in start]
+
+    def match(backend):
+        params = [x.clone().requires_grad_(True) for x in start]
+        for _ in range(3):
+            inner = ((images @ params[0] + params[1] - labels) ** 2).mean()
+            params = [p - 0.1 * g for p, g in zip(params, torch.autograd.grad(inner, params, create_graph=True))]
+        loss = trajectory_mse(params, start, target, backend=backend)
+        first_order = torch.autograd.grad(loss, params, create_graph=True)  # first order with a graph is supported
+        return loss, first_order, torch.autograd.grad(loss, images)[0]
+
+    (loss, first, grad), (expected, expected_first, expected_grad) = match(name), match("reference")
+    torch.testing.assert_close(loss, expected, rtol=1e-13, atol=0)
+    for got, want in zip(first, expected_first):
+        assert_close_tensors(got, want, rtol=1e-12)
+    assert_close_tensors(grad, expected_grad, rtol=1e-11)
+
+
+# ---- values ------------------------------------------------------------------------------------
+
+@pytest.mark.filterwarnings("ignore:invalid value:RuntimeWarning")  # the Triton interpreter's numpy meets the nan
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), float("-inf")], ids=["nan", "inf", "-inf"])
+@pytest.mark.parametrize("argument", ["student", "start", "target"])
+@pytest.mark.parametrize("case", ["matrix_B3", "list_B3"])
+@pytest.mark.parametrize("device,name", BACKENDS, ids=BACKEND_IDS)
+def test_non_finite_values_raise_naming_the_argument(device, name, case, argument, value):
+    """One nan / inf in one trajectory of one argument: a ValueError naming it, never a loss (an inf in
+    start gave 0, in student inf, a nan nan)."""
+    backend_or_skip(device, name, torch.float32)
+    args = make_inputs(case, dtype=torch.float32, device=device, requires_grad=(False, False, False))
+    poisoned = args[("student", "start", "target").index(argument)]
+    (poisoned[2] if isinstance(poisoned, list) else poisoned)[1, 17] = value
+    for arg in args[:2]:
+        for x in arg if isinstance(arg, list) else [arg]:
+            x.requires_grad_(True)
+    with pytest.raises(ValueError, match=f"^{argument} contains non-finite values \\(nan or inf\\)"):
+        trajectory_mse(*args, reduction="none", batched=True, backend=name)
+
+
+# float32 magnitudes whose squares (or differences) overflow or underflow float32: (row scale, clamp)
+EXTREMES = {"1e20": 1e20, "near float32 max": 1e38, "1e-30": 1e-30, "1e-41 (subnormal)": 1e-41}
+
+
+@pytest.mark.filterwarnings("ignore:overflow encountered:RuntimeWarning")  # the Triton interpreter's numpy, before rescaling
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("magnitude", list(EXTREMES))
+@pytest.mark.parametrize("device,name", BACKENDS, ids=BACKEND_IDS)
+def test_extreme_finite_values_match_float64(device, name, magnitude, dtype):
+    """Trajectories 0 and 2 scaled to magnitudes whose squares (or differences) leave float32's range,
+    trajectory 1 not: the loss and its gradients as float64 computes them from the same values (they
+    do not become inf, nan or 0, nor raise)."""
+    backend_or_skip(device, name, dtype)
+    if magnitude == "1e-41 (subnormal)" and dtype == torch.bfloat16:
+        pytest.skip("bfloat16 keeps two significant bits of such subnormals: a zero denominator is likely")
+    scale = torch.tensor([EXTREMES[magnitude], 1.0, EXTREMES[magnitude]], dtype=torch.float64).unsqueeze(1)
+    largest = torch.finfo(dtype).max
+    values = [(x * scale).clamp(-largest, largest).to(dtype) for x in make_inputs("matrix_B3", requires_grad=(False,) * 3)]
+    if magnitude == "near float32 max":  # differences beyond float32's range
+        values[2][0, :5], values[0][0, :5] = -largest, largest
+    args = [x.to(device).requires_grad_(True) for x in values]
+    exact_args = [x.double().requires_grad_(True) for x in values]
+    weights = torch.tensor([1.0, -0.5, 2.0], dtype=torch.float64)
+    loss, grads = loss_and_grads(args, backend=name, reduction="none", batched=True, weights=weights.to(device, dtype))
+    exact, exact_grads = loss_and_grads(exact_args, backend="reference", reduction="none", batched=True, weights=weights)
+    bound = 8 * torch.finfo(torch.float32).eps if dtype == torch.float32 else torch.finfo(dtype).eps
+    torch.testing.assert_close(loss.double().cpu(), exact, rtol=bound, atol=0)
+    check_grads = magnitude != "1e-41 (subnormal)"  # their gradients (about 1e41) overflow float32
+    spacing = torch.finfo(dtype).smallest_normal * torch.finfo(dtype).eps  # of dtype's subnormals: near float32's max,
+    for got, want in zip(grads, exact_grads) if check_grads else ():  # gradients are about 1e-41
+        assert torch.isfinite(got).all()
+        for b in range(3):  # one scale per trajectory: they differ by 1e20 and more
+            assert max_error(got[b].cpu(), want[b]) <= bound * want[b].abs().max().item() + spacing
+
+
+@pytest.mark.parametrize("magnitude", [1e200, 1e-200], ids=["1e200", "1e-200"])
+@pytest.mark.parametrize("device,name", BACKENDS, ids=BACKEND_IDS)
+def test_float64_extremes_are_scale_invariant(device, name, magnitude):
+    """float64 squares overflow / underflow: loss(m x) equals loss(x) and its gradient is gradient(x) / m."""
+    backend_or_skip(device, name)
+    args = make_inputs("list_B3", device=device)
+    expected, expected_grads = loss_and_grads(args, backend="reference", reduction="none", batched=True, weights=weights_for("none", 3, device))
+    scaled_args = [[(x.detach() * magnitude).requires_grad_(True) for x in arg] for arg in args]
+    loss, grads = loss_and_grads(scaled_args, backend=name, reduction="none", batched=True, weights=weights_for("none", 3, device))
+    torch.testing.assert_close(loss, expected, rtol=1e-13, atol=0)
+    for got, want in zip(grads, expected_grads):
+        assert_close_tensors(got * magnitude, want, rtol=1e-12)
+
+
+def test_scaled_trajectories_pass_opcheck():
+    """The operators on a trajectory summed scaled (its squares overflow float32)."""
+    student, start, target = ([x * 1e20 for x in arg] for arg in make_inputs("list_B3", dtype=torch.float32, requires_grad=(False,) * 3))
+    name = "cpu" if REGISTRY.problem("cpu", torch.device("cpu"), torch.float32) is None else "torch"
+    torch.library.opcheck(torch.ops.ddfast.trajectory_mse_forward.default, (student, start, target, 3, name))
+    loss, den, exponent = torch.ops.ddfast.trajectory_mse_forward(student, start, target, 3, name)
+    assert exponent.abs().min() > 0 and torch.isfinite(den).all()
+    needs = [True] * 5 + [False] * 5 + [True] * 5
+    torch.library.opcheck(torch.ops.ddfast.trajectory_mse_backward.default, (torch.ones(3), loss, den, exponent, student, start, target, needs, name))

@@ -7,7 +7,7 @@
 // writes its own partial, and the partials of a trajectory are then added in double in a fixed order.
 // The rounding error is thus bounded by the chunk length, not by P, and does not depend on threads.
 //
-//   forward(student, start, target, B) -> (loss, den)     (B,) each, accumulation type
+//   forward(student, start, target, B) -> (num, den)      (B,) sums of squares, accumulation type
 //   backward(grad, loss, den, student, start, target, needs) -> the gradients flagged in `needs`
 //     (3n flags: student's tensors, then start's, then target's), in that order.
 // With a = 2 grad_b / den_b and c = a * loss_b:
@@ -24,6 +24,7 @@
 
 #include <algorithm>
 #include <array>
+#include <cstdint>
 #include <tuple>
 #include <type_traits>
 #include <vector>
@@ -64,6 +65,8 @@ Plan make_plan(at::TensorList student, at::TensorList start, at::TensorList targ
       DDFAST_CHECK_CONTIGUOUS(x);
       DDFAST_CHECK_DTYPE(x, student[0].scalar_type());
       TORCH_CHECK(x.sizes() == student[i].sizes(), "trajectory_mse: shapes differ at tensor ", i);
+      TORCH_CHECK(reinterpret_cast<uintptr_t>(x.const_data_ptr()) % x.element_size() == 0,
+                  "trajectory_mse: tensor ", i, " is not aligned to its element size");
     }
     TORCH_CHECK(student[i].numel() % trajectories == 0, "trajectory_mse: tensor ", i, " does not split into B rows");
     const int64_t n = student[i].numel() / trajectories;
@@ -168,17 +171,17 @@ std::tuple<Tensor, Tensor> forward_typed(const Plan& plan, at::TensorList studen
     }
   });
   const auto options = student[0].options().dtype(c10::CppTypeToScalarType<A>::value);
-  Tensor loss = at::empty({plan.trajectories}, options), den = at::empty({plan.trajectories}, options);
+  Tensor num = at::empty({plan.trajectories}, options), den = at::empty({plan.trajectories}, options);
   for (int64_t b = 0; b < plan.trajectories; ++b) {
     double num_b = 0, den_b = 0;
     for (int64_t k = b * per_row; k < (b + 1) * per_row; ++k) {
       num_b += partial_num[k];
       den_b += partial_den[k];
     }
-    loss.data_ptr<A>()[b] = static_cast<A>(num_b / den_b);
+    num.data_ptr<A>()[b] = static_cast<A>(num_b);
     den.data_ptr<A>()[b] = static_cast<A>(den_b);
   }
-  return {loss, den};
+  return {num, den};
 }
 
 // Output pointers of one row: nullptr where that gradient is not wanted.

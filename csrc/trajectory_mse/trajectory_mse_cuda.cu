@@ -13,7 +13,7 @@
 // double inputs); a second kernel adds each trajectory's partials in double in a fixed order. No
 // atomics: results are deterministic, and the rounding error is bounded by kChunk, not by P.
 //
-//   forward(student, start, target, B) -> (loss, den)     (B,) each, accumulation type
+//   forward(student, start, target, B) -> (num, den)      (B,) sums of squares, accumulation type
 //   backward(grad, loss, den, student, start, target, needs) -> the gradients flagged in `needs`
 // With a = 2 grad_b / den_b and c = a * loss_b:
 //   d student = a (student - target),  d start = -c (start - target),  d target = -(d student + d start).
@@ -168,7 +168,7 @@ __global__ void __launch_bounds__(kThreads) partials_kernel(const int64_t* __res
 
 template <typename A>
 __global__ void __launch_bounds__(kThreads) finish_kernel(const A* __restrict__ partial_num, const A* __restrict__ partial_den,
-                                                          int64_t chunks_per_row, A* __restrict__ loss, A* __restrict__ den) {
+                                                          int64_t chunks_per_row, A* __restrict__ num, A* __restrict__ den) {
   const int64_t base = blockIdx.x * chunks_per_row;
   double num_b = 0, den_b = 0;
   for (int64_t k = threadIdx.x; k < chunks_per_row; k += kThreads) {
@@ -177,7 +177,7 @@ __global__ void __launch_bounds__(kThreads) finish_kernel(const A* __restrict__ 
   }
   block_sum(num_b, den_b);
   if (threadIdx.x == 0) {
-    loss[blockIdx.x] = static_cast<A>(num_b / den_b);
+    num[blockIdx.x] = static_cast<A>(num_b);
     den[blockIdx.x] = static_cast<A>(den_b);
   }
 }
@@ -262,6 +262,9 @@ Launch prepare(at::TensorList student, at::TensorList start, at::TensorList targ
       DDFAST_CHECK_CONTIGUOUS(x);
       DDFAST_CHECK_DTYPE(x, student[0].scalar_type());
       TORCH_CHECK(x.sizes() == student[i].sizes(), "trajectory_mse: shapes differ at tensor ", i);
+      // element-aligned: the kernels then pick 16-byte accesses per chunk where the address allows
+      TORCH_CHECK(reinterpret_cast<uintptr_t>(x.const_data_ptr()) % x.element_size() == 0,
+                  "trajectory_mse: tensor ", i, " is not aligned to its element size");
     }
     TORCH_CHECK(student[i].numel() % trajectories == 0, "trajectory_mse: tensor ", i, " does not split into B rows");
     const int64_t row = student[i].numel() / trajectories;
@@ -290,7 +293,7 @@ std::tuple<Tensor, Tensor> forward(at::TensorList student, at::TensorList start,
   const auto acc = student[0].scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
   const auto options = student[0].options().dtype(acc);
   Tensor partial_num = at::empty({launch.blocks()}, options), partial_den = at::empty({launch.blocks()}, options);
-  Tensor loss = at::empty({launch.trajectories}, options), den = at::empty({launch.trajectories}, options);
+  Tensor num = at::empty({launch.trajectories}, options), den = at::empty({launch.trajectories}, options);
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, student[0].scalar_type(), "trajectory_mse_forward_cuda", [&] {
     using A = at::opmath_type<scalar_t>;
@@ -301,11 +304,11 @@ std::tuple<Tensor, Tensor> forward(at::TensorList student, at::TensorList start,
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     }
     finish_kernel<A><<<launch.trajectories, kThreads, 0, stream>>>(partial_num.const_data_ptr<A>(), partial_den.const_data_ptr<A>(),
-                                                                   launch.chunks_per_row, loss.mutable_data_ptr<A>(),
+                                                                   launch.chunks_per_row, num.mutable_data_ptr<A>(),
                                                                    den.mutable_data_ptr<A>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
-  return {loss, den};
+  return {num, den};
 }
 
 std::vector<Tensor> backward(const Tensor& grad, const Tensor& loss, const Tensor& den, at::TensorList student,

@@ -2,8 +2,9 @@
 
 For each trajectory b: ``||student_b - target_b||^2 / ||start_b - target_b||^2``, the norms over all of
 its parameters. One fused pass reads each input once and accumulates in float32 (float64 for
-float64 inputs) with partial sums of bounded length, so the error does not grow with P. A zero
-denominator raises ``ValueError``. The argument forms are described in :mod:`.inputs`.
+float64 inputs) with partial sums of bounded length, so the error does not grow with P. Non-finite
+inputs and a zero denominator raise ``ValueError``; finite inputs whose squares would overflow or
+underflow are summed scaled (see :mod:`.values`). The argument forms are described in :mod:`.inputs`.
 
 Backends: ``reference`` (plain torch, autograd), ``torch`` (streaming, any device), ``cpu``
 (C++), ``triton`` (GPU, or CPU under ``TRITON_INTERPRET=1``), ``cuda`` (CUDA C++, one launch over
@@ -19,10 +20,10 @@ import importlib
 import torch
 from torch import Tensor, nn
 
-from ddfast import _checks
+from ddfast import _checks, _transforms
 from ddfast._backends import Backend, Registry, accumulation_dtype, triton_missing, triton_runs_on
-from ddfast.ops.trajectory_mse import cpu, cuda, reference
-from ddfast.ops.trajectory_mse.inputs import as_lists
+from ddfast.ops.trajectory_mse import cpu, cuda, reference, values
+from ddfast.ops.trajectory_mse.inputs import as_lists, element_aligned
 
 __all__ = ["trajectory_mse", "TrajectoryMSE", "REGISTRY"]
 
@@ -46,7 +47,7 @@ def trajectory_mse(student, start, target, *, reduction: str = "mean", batched: 
             per-parameter tensors of one trajectory (any shapes). ``batched=True`` reads a list as
             per-parameter tensors of shape (B, *param_shape) for B trajectories; ``batched=False``
             reads any tensor or list as one trajectory. float32 / float64 / bfloat16 / float16, one
-            dtype and device for all; the three match tensor by tensor.
+            dtype and device for all; the three match tensor by tensor. Any strides.
         reduction: ``"mean"`` or ``"sum"`` over the B trajectories, or ``"none"`` for a (B,) tensor.
         backend: ``"auto"`` or one of ``REGISTRY.names()``.
 
@@ -54,16 +55,20 @@ def trajectory_mse(student, start, target, *, reduction: str = "mean", batched: 
         The loss in the inputs' dtype. Gradients flow to every input that requires one.
 
     Raises:
-        ValueError: where ``start`` equals ``target`` for some trajectory (zero denominator). The
-            check reads the (B,) denominators: one device synchronisation per forward on a GPU.
-            With ``backend="reference"`` it is a data-dependent branch that ``torch.compile``
-            cannot capture in one graph; the other backends run it inside their operator.
+        ValueError: where an input holds a nan or an inf (naming it), or ``start`` equals ``target``
+            for some trajectory (zero denominator). The checks read (B,) sums: one device
+            synchronisation per forward on a GPU.
+        NotImplementedError: for forward-mode AD, ``torch.func.grad`` / ``vjp`` / ``jacrev`` and double
+            backward, except with ``backend="reference"`` (plain torch, every transform).
     """
     _checks.reduction(reduction)
+    if backend != "reference":
+        _transforms.refuse_unsupported("ddfast.trajectory_mse", student, start, target)
     student, start, target, trajectories = as_lists(student, start, target, batched=batched)
     if backend == "reference":
-        return reference.reduce(reference.per_trajectory(student, start, target, trajectories), reduction)
-    loss, _ = torch.ops.ddfast.trajectory_mse_forward(student, start, target, trajectories, backend)
+        loss = reference.per_trajectory(student, start, target, trajectories)
+    else:
+        loss, _, _ = torch.ops.ddfast.trajectory_mse_forward(student, start, target, trajectories, backend)
     return reference.reduce(loss, reduction).to(student[0].dtype)
 
 
@@ -95,46 +100,85 @@ def _kernels(backend: str, like: Tensor):
 
 
 @torch.library.custom_op("ddfast::trajectory_mse_forward", mutates_args=())
-def _forward(student: list[Tensor], start: list[Tensor], target: list[Tensor], trajectories: int, backend: str) -> tuple[Tensor, Tensor]:
-    """(loss, den) per trajectory, (B,) in the accumulation dtype, from checked lists (see :mod:`.inputs`)."""
-    loss, den = _kernels(backend, student[0]).forward(student, start, target, trajectories)
-    reference.check_denominator(den)
-    return loss, den
+def _forward(student: list[Tensor], start: list[Tensor], target: list[Tensor], trajectories: int, backend: str) -> tuple[Tensor, Tensor, Tensor]:
+    """(loss, den, exponent) per trajectory from checked lists (see :mod:`.inputs`): loss and den (B,) in the
+    accumulation dtype, exponent (B,) on the CPU: trajectory b was summed scaled by ``2**-exponent[b]``
+    (see :mod:`.values`), and den is its scaled denominator."""
+    kernels = _kernels(backend, student[0])
+    student, start, target = (element_aligned(tensors) for tensors in (student, start, target))
+    num, den = kernels.forward(student, start, target, trajectories)
+    exponent = torch.zeros(trajectories, dtype=num.dtype)
+    dtype = student[0].dtype
+    redo = values.out_of_range(num, den, sum(x.numel() for x in student) // trajectories, dtype)
+    if bool(redo.any()):
+        maxima = values.row_maxima(student, start, target, trajectories)
+        values.check_finite(maxima)
+        exponent = torch.where(redo, values.exponents(maxima, dtype), 0)
+        if bool(exponent.any()):
+            scaled = (values.scaled(tensors, exponent, trajectories) for tensors in (student, start, target))
+            num, den = (torch.where(redo, again, first) for again, first in zip(kernels.forward(*scaled, trajectories), (num, den)))
+        values.check_denominator(den)
+        exponent = exponent.cpu()
+    return num / den, den, exponent
 
 
 @_forward.register_fake
 def _forward_fake(student, start, target, trajectories, backend):
     loss = student[0].new_empty((trajectories,), dtype=accumulation_dtype(student[0].dtype))
-    return loss, torch.empty_like(loss)
+    return loss, torch.empty_like(loss), torch.empty_like(loss, device="cpu")
+
+
+@_forward.register_vmap
+def _forward_vmap(info, in_dims, student, start, target, trajectories, backend):
+    """Once per entry of the vmapped dimension, on that entry's (contiguous) tensors."""
+    def entry(tensors, dims, index):
+        return [x if dim is None else x.select(dim, index).contiguous() for x, dim in zip(tensors, dims)]
+
+    outputs = [_forward(*(entry(tensors, dims, index) for tensors, dims in zip((student, start, target), in_dims[:3])),
+                        trajectories, backend) for index in range(info.batch_size)]
+    return tuple(torch.stack(per_entry) for per_entry in zip(*outputs)), (0, 0, 0)
 
 
 @torch.library.custom_op("ddfast::trajectory_mse_backward", mutates_args=())
-def _backward(grad: Tensor, loss: Tensor, den: Tensor, student: list[Tensor], start: list[Tensor], target: list[Tensor],
-              needs: list[bool], backend: str) -> list[Tensor]:
-    """The gradients flagged in ``needs`` (3 flags per tensor: student's, start's, target's), in that order."""
-    return _kernels(backend, student[0]).backward(grad.contiguous(), loss, den, student, start, target, needs)
+def _backward(grad: Tensor, loss: Tensor, den: Tensor, exponent: Tensor, student: list[Tensor], start: list[Tensor],
+              target: list[Tensor], needs: list[bool], backend: str) -> list[Tensor]:
+    """The gradients flagged in ``needs`` (3 flags per tensor: student's, start's, target's), in that order.
+    Trajectories the forward scaled are differentiated scaled: the loss does not change under the
+    scale ``s = 2**-exponent``, so its gradient is ``s`` times the gradient at the scaled inputs."""
+    kernels = _kernels(backend, student[0])
+    trajectories = grad.shape[0]
+    tensors = [element_aligned(x) for x in (student, start, target)]
+    if not bool(exponent.any()):
+        return kernels.backward(grad.contiguous(), loss, den, *tensors, needs)
+    exponent = exponent.to(student[0].device)
+    tensors = [values.scaled(x, exponent, trajectories) for x in tensors]
+    grads = kernels.backward(grad.contiguous(), loss, den, *tensors, needs)
+    return values.scaled(grads, exponent, trajectories)
 
 
 @_backward.register_fake
-def _backward_fake(grad, loss, den, student, start, target, needs, backend):
+def _backward_fake(grad, loss, den, exponent, student, start, target, needs, backend):
     return [torch.empty_like(x) for x, need in zip(student + start + target, needs) if need]
+
+
+_transforms.refuse_double_backward("ddfast.trajectory_mse", _backward)
 
 
 def _setup_context(ctx, inputs, output):
     student, start, target, _, backend = inputs
-    loss, den = output
+    loss, den, exponent = output
     ctx.count = len(student)
     ctx.backend = backend
-    ctx.save_for_backward(loss, den, *student, *start, *target)
-    ctx.mark_non_differentiable(den)
+    ctx.save_for_backward(loss, den, exponent, *student, *start, *target)
+    ctx.mark_non_differentiable(den, exponent)
 
 
-def _backward_formula(ctx, grad_loss, grad_den):
+def _backward_formula(ctx, grad_loss, grad_den, grad_exponent):
     n = ctx.count
-    loss, den, *tensors = ctx.saved_tensors
+    loss, den, exponent, *tensors = ctx.saved_tensors
     student, start, target = tensors[:n], tensors[n:2 * n], tensors[2 * n:]
     needs = [bool(flag) for flags in ctx.needs_input_grad[:3] for flag in flags]
-    grads = iter(_backward(grad_loss, loss, den, student, start, target, needs, ctx.backend))
+    grads = iter(_backward(grad_loss, loss, den, exponent, student, start, target, needs, ctx.backend))
     per_input = [[next(grads) if need else None for need in needs[k * n:(k + 1) * n]] for k in range(3)]
     return *per_input, None, None
 

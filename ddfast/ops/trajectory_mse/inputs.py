@@ -11,8 +11,9 @@ any shapes (``list(model.parameters())``, the values of ``functional_call``'s di
 ``batched=False``: each argument is one trajectory (B = 1), a tensor or list of any shapes.
 
 ``student``, ``start`` and ``target`` must have the same form, dtype and device, and match tensor by
-tensor in shape. The kernels get three lists of contiguous tensors (a non-contiguous one is copied,
-no other is) and B; they see tensor i as a ``(B, n_i)`` matrix, ``n_i = numel / B``.
+tensor in shape. The kernels get three lists of contiguous tensors (a non-contiguous one is copied, and
+inside the operators one whose address is not a multiple of its element size; no other is) and B;
+they see tensor i as a ``(B, n_i)`` matrix, ``n_i = numel / B``.
 """
 
 from __future__ import annotations
@@ -97,3 +98,9 @@ def _trajectories(student: list[torch.Tensor], is_list: bool, batched: bool | No
 def rows(tensors: list[torch.Tensor], trajectories: int) -> list[torch.Tensor]:
     """The ``(B, n_i)`` views the kernels work on."""
     return [x.view(trajectories, -1) for x in tensors]
+
+
+def element_aligned(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+    """``tensors``, each one whose address is not a multiple of its element size (a buffer read from an
+    odd byte offset) copied: the kernels read every tensor as an array of its dtype."""
+    return [x if x.data_ptr() % x.element_size() == 0 else x.clone() for x in tensors]

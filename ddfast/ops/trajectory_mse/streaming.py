@@ -2,9 +2,10 @@
 
 Every backend has this contract. Inputs: three lists of contiguous tensors of one dtype, tensor i
 seen as a (B, n_i) matrix (see :mod:`.inputs`). ``forward(student, start, target, B)`` returns
-``(loss, den)``, (B,) each, in the accumulation dtype (float32, or float64 for float64 inputs).
+``(num, den)``, the (B,) sums ``||student_b - target_b||^2`` and ``||start_b - target_b||^2``, in the
+accumulation dtype (float32, or float64 for float64 inputs); the operator checks them and divides.
 ``backward(grad, loss, den, student, start, target, needs)`` takes the upstream (B,) gradient of
-``loss`` and ``needs``, 3n flags (student's tensors, then start's, then target's), and returns the
+``loss = num / den`` and ``needs``, 3n flags (student's tensors, then start's, then target's), and returns the
 flagged gradients in that order, shaped like the inputs, in their dtype. With
 ``a = 2 grad / den`` and ``c = a * loss``: ``d student = a (student - target)``,
 ``d start = -c (start - target)``, ``d target = -(d student + d start)``.
@@ -32,8 +33,7 @@ def forward(student: list[torch.Tensor], start: list[torch.Tensor], target: list
             t_block = t[:, cols].to(acc)
             numerators.append((s[:, cols].to(acc) - t_block).square().sum(dim=1))
             denominators.append((st[:, cols].to(acc) - t_block).square().sum(dim=1))
-    den = torch.stack(denominators).sum(dim=0)
-    return torch.stack(numerators).sum(dim=0) / den, den
+    return torch.stack(numerators).sum(dim=0), torch.stack(denominators).sum(dim=0)
 
 
 def backward(grad: torch.Tensor, loss: torch.Tensor, den: torch.Tensor, student: list[torch.Tensor], start: list[torch.Tensor],

@@ -82,7 +82,7 @@ def _partials_kernel(table, partial_num, partial_den, n_chunks, n_tensors, DTYPE
 
 
 @triton.jit
-def _finish_kernel(partial_num, partial_den, loss, den, n_chunks, BLOCK: tl.constexpr):
+def _finish_kernel(partial_num, partial_den, num, den, n_chunks, BLOCK: tl.constexpr):
     b = tl.program_id(0)
     base = b.to(tl.int64) * n_chunks
     num_b = tl.zeros((BLOCK,), dtype=tl.float64)
@@ -94,7 +94,7 @@ def _finish_kernel(partial_num, partial_den, loss, den, n_chunks, BLOCK: tl.cons
         den_b += tl.load(partial_den + base + index, mask=mask, other=0.0).to(tl.float64)
     total_num = tl.sum(num_b, axis=0)
     total_den = tl.sum(den_b, axis=0)
-    tl.store(loss + b, (total_num / total_den).to(loss.dtype.element_ty))
+    tl.store(num + b, total_num.to(num.dtype.element_ty))
     tl.store(den + b, total_den.to(den.dtype.element_ty))
 
 
@@ -134,10 +134,10 @@ def forward(student: list[torch.Tensor], start: list[torch.Tensor], target: list
     _partials_kernel[(trajectories * n_chunks,)](
         table, partial_num, partial_den, n_chunks, len(student), DTYPE=_TRITON_DTYPES[student[0].dtype],
         ACC=_TRITON_DTYPES[acc], TENSORS=_tensors_block(student), CHUNK=CHUNK, BLOCK=BLOCK, **LAUNCH)
-    loss = torch.empty(trajectories, dtype=acc, device=student[0].device)
-    den = torch.empty_like(loss)
-    _finish_kernel[(trajectories,)](partial_num, partial_den, loss, den, n_chunks, BLOCK=FINISH_BLOCK, **LAUNCH)
-    return loss, den
+    num = torch.empty(trajectories, dtype=acc, device=student[0].device)
+    den = torch.empty_like(num)
+    _finish_kernel[(trajectories,)](partial_num, partial_den, num, den, n_chunks, BLOCK=FINISH_BLOCK, **LAUNCH)
+    return num, den
 
 
 def backward(grad: torch.Tensor, loss: torch.Tensor, den: torch.Tensor, student: list[torch.Tensor], start: list[torch.Tensor],
