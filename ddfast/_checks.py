@@ -7,6 +7,7 @@ Checks here look only at metadata (shape, dtype, device), so they are free and t
 
 from __future__ import annotations
 
+import numbers
 from collections.abc import Sequence
 
 import torch
@@ -75,6 +76,17 @@ def positive_scalar(name: str, value) -> float | torch.Tensor:
     if not value > 0 or value == float("inf"):
         raise ValueError(f"{name} must be a finite number > 0, got {value}")
     return float(value)
+
+
+def positive_int(name: str, value) -> int | torch.SymInt:
+    """A python (or numpy) integer >= 1, returned as an int; a ``torch.SymInt`` passes as it is."""
+    if isinstance(value, torch.SymInt):
+        return value
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{name} must be a positive int, got {type(value).__name__} {value!r}")
+    if value < 1:
+        raise ValueError(f"{name} must be a positive int, got {value!r}")
+    return int(value)
 
 
 def _names(dtypes: Sequence[torch.dtype]) -> str:

@@ -32,7 +32,7 @@ from .evaluate import accuracy, train_epoch
 from .models import ModelSpec
 from .progress import bar, logger
 from .seeding import derive_seed, seeded
-from .settings import describe_differences, to_dict
+from .settings import COUNT, MOMENTUM, NON_NEGATIVE, OPTIONAL_COUNT, POSITIVE, check, describe_differences, to_dict
 
 FORMAT = "ddfast-expert-buffer/1"
 
@@ -52,13 +52,8 @@ class ExpertSpec:
     seed: int = 0
 
     def __post_init__(self):
-        for name in ("experts", "epochs", "batch_size"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"experts.{name} must be >= 1, got {getattr(self, name)}")
-        if not self.lr > 0:
-            raise ValueError(f"experts.lr must be > 0, got {self.lr}")
-        if self.train_per_class is not None and self.train_per_class < 1:
-            raise ValueError(f"experts.train_per_class must be >= 1 or None, got {self.train_per_class}")
+        check(self, experts=COUNT, epochs=COUNT, lr=POSITIVE, momentum=MOMENTUM, weight_decay=NON_NEGATIVE, batch_size=COUNT,
+              train_per_class=OPTIONAL_COUNT)
 
 
 def parameter_layout(model: nn.Module) -> list[list]:
@@ -101,7 +96,12 @@ def train_experts(meta: dict, data: RealData, folder: str | os.PathLike, *, shar
     index, count = shard
     log = logger(quiet)
     for k in range(index, spec.experts, count):
-        if not _finished(folder, k).is_file():
+        try:
+            finished = _load_finished(folder, k, meta) is not None
+        except checkpoint.UnreadableFile as exc:
+            checkpoint.warn_unreadable(exc, f"training expert {k} again")
+            finished = False
+        if not finished:
             _train_expert(meta, spec, data, folder, k, log, quiet)
 
 
@@ -120,12 +120,12 @@ class ExpertBuffer:
         _check_meta(stored, meta, self.folder / "meta.json")
         self.shapes = [tuple(shape) for _, shape in meta["params"]]
         self.epochs = meta["experts"]["epochs"]
-        self.trajectories = []
+        self.trajectories, self.paths = [], []
         for k in range(meta["experts"]["experts"]):
-            state = checkpoint.load(_finished(self.folder, k), mmap=True)
+            state = _load_finished(self.folder, k, meta)
             if state is not None:
-                _check_meta(state["meta"], meta, _finished(self.folder, k))
                 self.trajectories.append(state["snapshots"])
+                self.paths.append(_finished(self.folder, k))
         if not self.trajectories:
             raise FileNotFoundError(f"no finished experts in {self.folder}: train them with `ddfast buffer` (or let `ddfast distill` do it)")
 
@@ -136,6 +136,9 @@ class ExpertBuffer:
         if not 0 <= epoch <= self.epochs:
             raise ValueError(f"epoch must be in [0, {self.epochs}], got {epoch}")
         flat = self.trajectories[k][epoch].to(device)
+        if not bool(torch.isfinite(flat).all()):
+            raise ValueError(f"{self.paths[k]} holds non-finite parameters after epoch {epoch}: the file is corrupt; "
+                             "delete it and rerun to train the expert again")
         return [t.view(shape) for t, shape in zip(flat.split([_numel(s) for s in self.shapes]), self.shapes)]
 
 
@@ -150,9 +153,54 @@ def _finished(folder: Path, k: int) -> Path:
     return folder / f"expert-{k:04d}.pt"
 
 
+def _load_finished(folder: Path, k: int, meta: dict) -> dict | None:
+    """Expert k's finished file (snapshots memory-mapped), None when there is none; ``UnreadableFile``
+    when it is corrupt or not this buffer's."""
+    path = _finished(folder, k)
+    state = checkpoint.load(path, mmap=True, keys=("meta", "snapshots"))
+    if state is None:
+        return None
+    if state["meta"] != meta:
+        raise checkpoint.UnreadableFile(path, "holds an expert made for other settings than its folder's meta.json")
+    snapshots, size = state["snapshots"], sum(_numel(shape) for _, shape in meta["params"])
+    if not (isinstance(snapshots, torch.Tensor) and snapshots.dtype == torch.float32 and tuple(snapshots.shape) == (meta["experts"]["epochs"] + 1, size)):
+        raise checkpoint.UnreadableFile(path, f"holds snapshots that are not float32 ({meta['experts']['epochs'] + 1}, {size})")
+    return state
+
+
+def _epochs_done(partial: Path, meta: dict) -> list[dict]:
+    """The saved epochs of an expert in progress, from epoch 0 up to the first missing or unreadable
+    one; that one and any after it are removed (after a one-line warning) to be trained again."""
+    size = sum(_numel(shape) for _, shape in meta["params"])
+    files = sorted(partial.glob("epoch-*.pt"))
+    done = []
+    for epoch, path in enumerate(files):
+        try:
+            if path.name != f"epoch-{epoch:04d}.pt":
+                raise checkpoint.UnreadableFile(partial / f"epoch-{epoch:04d}.pt", "is missing")
+            state = checkpoint.load(path, keys=("meta", "snapshot", "model", "optimizer"))
+            if state["meta"] != meta or not (isinstance(state["snapshot"], torch.Tensor) and tuple(state["snapshot"].shape) == (size,)):
+                raise checkpoint.UnreadableFile(path, "holds another expert's epoch")
+        except checkpoint.UnreadableFile as exc:
+            checkpoint.warn_unreadable(exc, f"training the expert again from epoch {epoch}")
+            for later in files[epoch:]:
+                later.unlink()
+            break
+        done.append(state)
+    return done
+
+
 def _read_meta(folder: Path) -> dict | None:
     path = folder / "meta.json"
-    return json.loads(path.read_text()) if path.is_file() else None
+    if not path.exists():
+        return None
+    try:
+        stored = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise checkpoint.UnreadableFile(path, f"is not readable JSON ({exc})") from None
+    if not isinstance(stored, dict):
+        raise checkpoint.UnreadableFile(path, "holds no buffer metadata")
+    return stored
 
 
 def _check_meta(stored: dict, expected: dict, where: Path) -> None:
@@ -164,8 +212,12 @@ def _check_meta(stored: dict, expected: dict, where: Path) -> None:
 
 
 def _claim(folder: Path, meta: dict) -> None:
-    """Write ``meta.json`` in a new buffer folder, or check the one there."""
-    stored = _read_meta(folder)
+    """Write ``meta.json`` in a new buffer folder (or over an unreadable one), or check the one there."""
+    try:
+        stored = _read_meta(folder)
+    except checkpoint.UnreadableFile as exc:
+        checkpoint.warn_unreadable(exc, "writing it again")
+        stored = None
     if stored is None:
         checkpoint.save_json(meta, folder / "meta.json")
     else:
@@ -185,12 +237,11 @@ def _train_expert(meta: dict, spec: ExpertSpec, data: RealData, folder: Path, k:
         train = train.subset(random_per_class(train.labels, info.num_classes, spec.train_per_class, generator).to(device))
     dsa = DSA() if spec.dsa else None
     partial = folder / f"expert-{k:04d}"
-    done = sorted(partial.glob("epoch-*.pt"))
-    snapshots = [checkpoint.load(path)["snapshot"] for path in done]
+    done = _epochs_done(partial, meta)
+    snapshots = [state["snapshot"] for state in done]
     if done:
-        last = checkpoint.load(done[-1])
-        model.load_state_dict(last["model"])
-        optimizer.load_state_dict(last["optimizer"])
+        model.load_state_dict(done[-1]["model"])
+        optimizer.load_state_dict(done[-1]["optimizer"])
         log(f"expert {k}: resuming after epoch {len(done) - 1}")
 
     def save_epoch(epoch: int) -> None:

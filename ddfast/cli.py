@@ -15,8 +15,10 @@ def main(argv: list[str] | None = None) -> int:
     keep_freed_memory()
     try:
         return args.command(args)
-    except (ValueError, FileNotFoundError, TypeError) as exc:
+    except (ValueError, FileNotFoundError, TypeError, FloatingPointError) as exc:  # the user's mistakes, said in one line
         parser.exit(2, f"ddfast {args.name}: error: {exc}\n")
+    except KeyboardInterrupt:
+        parser.exit(130, f"ddfast {args.name}: interrupted; rerunning the same command resumes from the last checkpoint\n")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -85,7 +87,7 @@ def _parser() -> argparse.ArgumentParser:
 
 def _config(args):
     from .distill import preset
-    from .settings import override
+    from .settings import override_all
 
     cmi, mim = args.cmi or "cmi" in args.reg, "mim" in args.reg
     cmi_weight, mim_weight = args.cmi_weight, args.mim_weight
@@ -94,16 +96,13 @@ def _config(args):
         cmi_weight = 0.0 if cmi and cmi_weight is None else cmi_weight
         mim_weight = 0.0 if mim and mim_weight is None else mim_weight
     config = preset(args.method, args.dataset, args.ipc, args.preset, cmi=cmi, cmi_weight=cmi_weight, mim=mim, mim_weight=mim_weight)
-    if args.iterations is not None:
-        config = override(config, "iterations", args.iterations)
-    if args.seed is not None:
-        config = override(config, "seed", args.seed)
+    changes = [(key, value) for key, value in (("iterations", args.iterations), ("seed", args.seed)) if value is not None]
     for item in args.set:
         key, sep, value = item.partition("=")
         if not sep:
             raise ValueError(f"--set takes KEY=VALUE, got {item!r}")
-        config = override(config, key.strip(), value.strip())
-    return config
+        changes.append((key.strip(), value.strip()))
+    return override_all(config, changes)
 
 
 def _print_config(config) -> int:
@@ -116,6 +115,8 @@ def _print_config(config) -> int:
 def _distill(args) -> int:
     from .distill import run, sweep
 
+    if args.stop_after is not None and args.stop_after < 1:
+        raise ValueError(f"--stop-after must be >= 1, got {args.stop_after}")
     config = _config(args)
     if args.print_config:
         return _print_config(config)
@@ -126,9 +127,10 @@ def _distill(args) -> int:
         if args.stop_after is not None:
             raise ValueError("--stop-after cannot be combined with --sweep")
         key, sep, values = args.sweep.partition("=")
-        if not sep or not values:
+        values = [v.strip() for v in values.split(",") if v.strip()]
+        if not sep or not key.strip() or not values:
             raise ValueError(f"--sweep takes KEY=V1,V2,..., got {args.sweep!r}")
-        summary = sweep(config, key.strip(), [v.strip() for v in values.split(",") if v.strip()], out, **options)
+        summary = sweep(config, key.strip(), values, out, **options)
         _report(summary["evaluation"], Path(out) / "sweep.json")
         return 0
     results = run(config, out, stop_after=args.stop_after, **options)
@@ -141,11 +143,14 @@ def _distill(args) -> int:
 
 def _pretrain(args) -> int:
     from .distill import load_data, pretrain, resolve_device
+    from .distill.preflight import check_settings
 
     config = _config(args)
     if args.print_config:
         return _print_config(config)
-    data = load_data(config, args.data_root, args.download).to(resolve_device(args.device))
+    device = resolve_device(args.device)
+    check_settings(config)
+    data = load_data(config, args.data_root, args.download).to(device)
     pretrain(config, data, cache_dir=args.cache_dir, quiet=args.quiet)
     return 0
 
@@ -154,6 +159,7 @@ def _buffer(args) -> int:
     from .buffers import parse_shard
     from .distill import load_data, resolve_device
     from .distill.mtt import MTT, expert_buffer
+    from .distill.preflight import check_settings
     from .distill.runner import data_key
 
     shard = parse_shard(args.shard)
@@ -162,7 +168,9 @@ def _buffer(args) -> int:
     config = _config(args)
     if args.print_config:
         return _print_config(config)
-    data = load_data(config, args.data_root, args.download).to(resolve_device(args.device))
+    device = resolve_device(args.device)
+    check_settings(config)
+    data = load_data(config, args.data_root, args.download).to(device)
     folder, _ = expert_buffer(MTT.read_options(config.options), config, data, data_key(config), cache_dir=args.cache_dir, shard=shard, quiet=args.quiet)
     print(f"experts of shard {shard[0]}/{shard[1]} are in {folder}")
     return 0
@@ -171,20 +179,21 @@ def _buffer(args) -> int:
 def _evaluate(args) -> int:
     from . import checkpoint
     from .distill import DistillConfig, load_data, resolve_device
-    from .distill.outputs import load_synthetic
+    from .distill.outputs import check_evaluation_out, load_synthetic
     from .evaluate import evaluate_with_baseline
-    from .settings import from_dict, override, to_dict
+    from .settings import from_dict, override_all, to_dict
 
+    device = resolve_device(args.device)
     saved = load_synthetic(args.synthetic)
-    config = from_dict(DistillConfig, saved["settings"])
-    for key, value in (("models", args.models), ("epochs", args.epochs), ("lrs", args.lrs), ("dsa", args.dsa)):
-        if value is not None:
-            config = override(config, f"evaluation.{key}", value)
-    data = load_data(config, args.data_root, args.download).to(resolve_device(args.device))
+    out = Path(args.out) if args.out else Path(args.synthetic).with_name("evaluation.json")
+    check_evaluation_out(out, Path(args.synthetic))
+    changes = [(f"evaluation.{key}", value) for key, value in (("models", args.models), ("epochs", args.epochs), ("lrs", args.lrs), ("dsa", args.dsa))
+               if value is not None]
+    config = override_all(from_dict(DistillConfig, saved["settings"]), changes)
+    data = load_data(config, args.data_root, args.download).to(device)
     seed = config.seed if args.seed is None else args.seed
     evaluation = evaluate_with_baseline(saved["images"], saved["labels"], data, config.evaluation, seed=seed, lr=saved.get("eval_lr"),
                                         progress=not args.quiet)
-    out = Path(args.out) if args.out else Path(args.synthetic).with_name("evaluation.json")
     checkpoint.save_json({"synthetic": str(args.synthetic), "protocol": to_dict(config.evaluation), "evaluation": evaluation}, out)
     _report(evaluation, out)
     return 0

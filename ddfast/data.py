@@ -179,10 +179,11 @@ def _read(info: DatasetInfo, root: Path, *, train: bool, download: bool) -> Spli
     }
     try:
         dataset = constructors[info.name]()
-    except RuntimeError as exc:  # torchvision: "Dataset not found ..."
+    except (RuntimeError, OSError, ValueError) as exc:  # torchvision: "Dataset not found ...", a failed download, a corrupt file
+        fix = ("The download failed: check the connection, or" if download else "Pass --download (download=True) to fetch it, or")
         raise FileNotFoundError(
-            f"{info.name} ({split}) not found under {(root / info.folder).resolve()}: {exc} "
-            f"Pass --download (download=True) to fetch it, or point --data-root / ${ROOT_ENV} at a folder holding it."
+            f"{info.name} ({split}) not found or unreadable under {(root / info.folder).resolve()}: {str(exc).strip()} "
+            f"{fix} point --data-root / ${ROOT_ENV} at a folder holding it."
         ) from None
     images = torch.as_tensor(np.asarray(dataset.data))
     if images.dim() == 3:  # (N, H, W): one channel

@@ -23,6 +23,7 @@ from .data import RealData, Split, random_per_class
 from .models import ModelSpec
 from .progress import bar
 from .seeding import derive_seed, seeded
+from .settings import COUNT, MOMENTUM, NON_NEGATIVE, POSITIVE, check
 
 
 @dataclass(frozen=True)
@@ -37,10 +38,7 @@ class EvalProtocol:
     dsa: bool = False  # augment every training batch with DSA
 
     def __post_init__(self):
-        if self.epochs < 1 or self.models < 1 or self.batch_size < 1:
-            raise ValueError(f"epochs, models and batch_size must be >= 1, got {self.epochs}, {self.models}, {self.batch_size}")
-        if not self.lrs or any(not lr > 0 for lr in self.lrs):
-            raise ValueError(f"lrs must be a non-empty tuple of positive learning rates, got {self.lrs}")
+        check(self, epochs=COUNT, models=COUNT, batch_size=COUNT, lrs=POSITIVE, momentum=MOMENTUM, weight_decay=NON_NEGATIVE)
 
 
 @dataclass

@@ -21,7 +21,7 @@ from .evaluate import accuracy, train_network
 from .models import ModelSpec
 from .progress import bar, logger
 from .seeding import derive_seed, seeded
-from .settings import to_dict
+from .settings import COUNT, MOMENTUM, NON_NEGATIVE, OPTIONAL_COUNT, POSITIVE, check, to_dict
 
 CACHE_ENV = "DDFAST_CACHE_DIR"
 
@@ -40,8 +40,8 @@ class PretrainSpec:
     train_per_class: int | None = None  # train on a random subset of this many images per class
 
     def __post_init__(self):
-        if self.pool < 1 or self.epochs < 1:
-            raise ValueError(f"pool and epochs must be >= 1, got pool={self.pool}, epochs={self.epochs}")
+        check(self, pool=COUNT, epochs=COUNT, lr=POSITIVE, momentum=MOMENTUM, weight_decay=NON_NEGATIVE, batch_size=COUNT,
+              train_per_class=OPTIONAL_COUNT)
 
 
 def cache_dir(path: str | os.PathLike | None = None) -> Path:
@@ -66,8 +66,8 @@ def pretrained_pool(
     for k in range(spec.pool):
         key = derive_seed("pretrain", training, data_key, seed, k)
         path = folder / f"{data.info.name}-{spec.model.arch}-{key:016x}.pt"
-        state = checkpoint.load(path)
         model = spec.model.build(data.info.channels, data.info.num_classes, data.info.image_size).to(device)
+        state = _cached(path, model, training, data_key)
         if state is None:
             with seeded(derive_seed(key), device):
                 train = data.train
@@ -82,7 +82,32 @@ def pretrained_pool(
             checkpoint.save(state, path)
             log(f"pretrained network {k + 1}/{spec.pool}: validation accuracy {state['val_accuracy']:.4f}, cached at {path}")
         else:
-            model.load_state_dict(state["state_dict"])
+            model.load_state_dict(state["state_dict"])  # checked by _cached to fit
             log(f"pretrained network {k + 1}/{spec.pool}: loaded from {path} (validation accuracy {state['val_accuracy']:.4f})")
         networks.append(model.eval().requires_grad_(False))
     return networks
+
+
+def _cached(path: Path, model: nn.Module, training: dict, data_key: dict) -> dict | None:
+    """The network cached at ``path`` if it is one made with these settings that fits ``model``; None
+    (after a one-line warning, so that it is trained again) when the file is missing, corrupt or foreign."""
+    try:
+        state = checkpoint.load(path, keys=("state_dict", "settings", "data", "val_accuracy"))
+        if state is not None:
+            _check_network(state, path, model, training, data_key)
+    except checkpoint.UnreadableFile as exc:
+        checkpoint.warn_unreadable(exc, "training it again")
+        return None
+    return state
+
+
+def _check_network(state: dict, path: Path, model: nn.Module, training: dict, data_key: dict) -> None:
+    if state["settings"] != training or state["data"] != data_key:
+        raise checkpoint.UnreadableFile(path, "holds a network pre-trained with other settings")
+    saved, expected = state["state_dict"], model.state_dict()
+    fits = isinstance(saved, dict) and saved.keys() == expected.keys() and all(
+        isinstance(saved[k], torch.Tensor) and saved[k].shape == v.shape and saved[k].dtype == v.dtype for k, v in expected.items())
+    if not fits or not all(bool(torch.isfinite(t).all()) for t in saved.values() if t.is_floating_point()):
+        raise checkpoint.UnreadableFile(path, "holds parameters that do not fit the network or are not finite")
+    if not isinstance(state["val_accuracy"], float):
+        raise checkpoint.UnreadableFile(path, f"holds a validation accuracy of {state['val_accuracy']!r}")

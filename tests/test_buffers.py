@@ -23,6 +23,22 @@ def data():
     return load_data(config), data_key(config)
 
 
+def kill_in_the_second_epoch(meta, real, folder, monkeypatch):
+    """Train experts into ``folder`` and interrupt the second epoch, as a kill would."""
+    original, calls = buffers.train_epoch, []
+
+    def dying(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(buffers, "train_epoch", dying)
+    with pytest.raises(KeyboardInterrupt):
+        train_experts(meta, real, folder, quiet=True)
+    monkeypatch.setattr(buffers, "train_epoch", original)
+
+
 def test_experts_snapshot_every_epoch_and_load_as_parameters(data, tmp_path):
     real, key = data
     meta = buffer_meta(SPEC, MODEL, key, real)
@@ -47,19 +63,7 @@ def test_killed_expert_resumes_to_the_same_trajectory_and_shards_split_the_work(
     reference = ExpertBuffer(whole, meta).trajectories
 
     killed = tmp_path / "killed"
-    original = buffers.train_epoch
-    calls = []
-
-    def dying(*args, **kwargs):
-        calls.append(1)
-        if len(calls) == 2:
-            raise KeyboardInterrupt
-        return original(*args, **kwargs)
-
-    monkeypatch.setattr(buffers, "train_epoch", dying)
-    with pytest.raises(KeyboardInterrupt):
-        train_experts(meta, real, killed, quiet=True)
-    monkeypatch.setattr(buffers, "train_epoch", original)
+    kill_in_the_second_epoch(meta, real, killed, monkeypatch)
     assert sorted(p.name for p in (killed / "expert-0000").iterdir()) == ["epoch-0000.pt", "epoch-0001.pt"]
     train_experts(meta, real, killed, shard=(1, 2), quiet=True)  # another process's shard
     assert (killed / "expert-0001.pt").is_file() and not (killed / "expert-0000.pt").exists()
@@ -88,5 +92,55 @@ def test_shard_and_spec_errors():
     for bad in ("4/4", "1", "a/b", "-1/2"):
         with pytest.raises(ValueError, match="shard must be i/n"):
             parse_shard(bad)
-    with pytest.raises(ValueError, match="experts.epochs must be >= 1"):
+    with pytest.raises(ValueError, match="epochs must be an integer >= 1, got 0"):
         ExpertSpec(epochs=0)
+
+
+def test_corrupt_buffer_files_are_named_and_trained_again(data, tmp_path, capsys):
+    real, key = data
+    meta = buffer_meta(SPEC, MODEL, key, real)
+    train_experts(meta, real, tmp_path, quiet=True)
+    reference = [t.clone() for t in ExpertBuffer(tmp_path, meta).trajectories]
+    finished = tmp_path / "expert-0001.pt"
+    finished.write_bytes(finished.read_bytes()[:1000])
+    (tmp_path / "meta.json").write_text('{"format": ')
+    with pytest.raises(ValueError, match=f"{tmp_path / 'meta.json'} is not readable JSON"):
+        ExpertBuffer(tmp_path, meta)
+    capsys.readouterr()
+    train_experts(meta, real, tmp_path, quiet=True)
+    warnings = capsys.readouterr().err.splitlines()
+    assert len(warnings) == 2 and all(w.startswith("ddfast: warning: ") for w in warnings)
+    assert str(tmp_path / "meta.json") in warnings[0] and str(finished) in warnings[1] and warnings[1].endswith("training expert 1 again")
+    for a, b in zip(ExpertBuffer(tmp_path, meta).trajectories, reference, strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    torch.save(torch.zeros(3), finished)  # a torch file of other content
+    with pytest.raises(ValueError, match=f"{finished} holds a Tensor"):
+        ExpertBuffer(tmp_path, meta)
+
+
+def test_a_corrupt_epoch_of_an_expert_in_progress_is_trained_again(data, tmp_path, monkeypatch, capsys):
+    real, key = data
+    meta = buffer_meta(dataclasses.replace(SPEC, experts=1), MODEL, key, real)
+    train_experts(meta, real, tmp_path / "whole", quiet=True)
+    reference = ExpertBuffer(tmp_path / "whole", meta).trajectories
+    kill_in_the_second_epoch(meta, real, tmp_path / "killed", monkeypatch)
+    epoch = tmp_path / "killed" / "expert-0000" / "epoch-0001.pt"
+    epoch.write_bytes(b"")
+    capsys.readouterr()
+    train_experts(meta, real, tmp_path / "killed", quiet=True)
+    [warning] = capsys.readouterr().err.splitlines()
+    assert str(epoch) in warning and warning.endswith("training the expert again from epoch 1")
+    torch.testing.assert_close(ExpertBuffer(tmp_path / "killed", meta).trajectories[0], reference[0], rtol=0, atol=0)
+
+
+def test_a_snapshot_of_non_finite_parameters_names_its_file(data, tmp_path):
+    real, key = data
+    meta = buffer_meta(dataclasses.replace(SPEC, experts=1, epochs=1), MODEL, key, real)
+    train_experts(meta, real, tmp_path, quiet=True)
+    state = torch.load(tmp_path / "expert-0000.pt", weights_only=True)
+    state["snapshots"][1, 0] = float("nan")
+    torch.save(state, tmp_path / "expert-0000.pt")
+    buffer = ExpertBuffer(tmp_path, meta)
+    assert len(buffer.snapshot(0, 0)) == len(meta["params"])
+    with pytest.raises(ValueError, match=f"{tmp_path / 'expert-0000.pt'} holds non-finite parameters after epoch 1"):
+        buffer.snapshot(0, 1)

@@ -46,3 +46,46 @@ def test_checkpoints_cannot_run_code(tmp_path):
     with open(path, "rb") as f:  # the payload is real: an unrestricted unpickler runs it
         torch.load(f, weights_only=False)
     assert marker.read_text() == "ran"
+
+
+def _real_file(path):
+    checkpoint.save({"images": torch.randn(20, 1, 28, 28), "progress": {"iteration": 3}}, path)
+    return path.read_bytes()
+
+
+@pytest.mark.parametrize("content, reason", [
+    (lambda real: bytes(range(256)) * 4, "weights only load refuses|corrupt, truncated or not a torch file"),
+    (lambda real: b"", "corrupt, truncated or not a torch file"),
+    (lambda real: real[: len(real) // 2], "corrupt, truncated or not a torch file"),
+])
+def test_unreadable_files_are_named(tmp_path, content, reason):
+    path = tmp_path / "checkpoint.pt"
+    path.write_bytes(content(_real_file(tmp_path / "real.pt")))
+    for mmap in (False, True):
+        with pytest.raises(checkpoint.UnreadableFile, match=reason) as error:
+            checkpoint.load(path, mmap=mmap)
+        assert str(path) in str(error.value) and "\n" not in str(error.value) and error.value.path == path
+
+
+def test_foreign_content_is_named(tmp_path):
+    path = tmp_path / "state.pt"
+    torch.save(torch.zeros(3), path)
+    with pytest.raises(checkpoint.UnreadableFile, match=f"{path} holds a Tensor"):
+        checkpoint.load(path)
+    torch.save({"x": 1}, path)
+    with pytest.raises(checkpoint.UnreadableFile, match=r"lacks \['images'\]"):
+        checkpoint.load(path, keys=("x", "images"))
+    path.unlink()
+    path.mkdir()
+    with pytest.raises(checkpoint.UnreadableFile, match="is not a file"):
+        checkpoint.load(path)
+
+
+def test_writable_folder(tmp_path):
+    checkpoint.check_writable_folder(tmp_path / "new" / "run")
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(ValueError, match="is a file, not a folder"):
+        checkpoint.check_writable_folder(tmp_path / "file")
+    with pytest.raises(ValueError, match=f"{tmp_path / 'file'} is a file"):
+        checkpoint.check_writable_folder(tmp_path / "file" / "run")
+    assert not (tmp_path / "new").exists()  # checking creates nothing

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
+import torch.autograd.forward_ad as forward_ad
 
 import ddfast
 from ddfast import _extension
@@ -133,8 +135,11 @@ def test_reference_equals_the_authors_formulation():
 @pytest.mark.parametrize("name,device", LOW_PRECISION_CASES)
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("reduction", ["mean", "none"])
-def test_low_precision_errs_no_more_than_the_reference_in_that_dtype(name, device, dtype, reduction):
+@pytest.mark.parametrize("layout", ["contiguous", "column-major"])
+def test_low_precision_errs_no_more_than_the_reference_in_that_dtype(name, device, dtype, reduction, layout):
     features, labels = batch(91, 45, 6, dtype=dtype, device=device, scale=2.0)
+    if layout == "column-major":
+        features = features.t().contiguous().t()  # value_and_grad's copy keeps the strides
     weights = weights_for(reduction, 91, device=device)
     exact_value, exact_grad = value_and_grad(lambda f: cmi_reference(f.double(), labels, 6, reduction=reduction), features, weights)
     ref_value, ref_grad = value_and_grad(lambda f: cmi_reference(f, labels, 6, reduction=reduction), features, weights.to(dtype))
@@ -310,10 +315,10 @@ def test_cuda_chunk_size_matches_its_kernel():
 
 # ---- bad input: clear errors naming the argument, before any kernel runs ----
 
-def _call(features=None, labels=None, **kwargs):
+def _call(features=None, labels=None, op=cmi_loss, **kwargs):
     default_features, default_labels = batch(10, 6, 4)
     kwargs.setdefault("num_classes", 4)
-    return cmi_loss(default_features if features is None else features, default_labels if labels is None else labels, **kwargs)
+    return op(default_features if features is None else features, default_labels if labels is None else labels, **kwargs)
 
 
 BAD_INPUTS = [
@@ -332,8 +337,16 @@ BAD_INPUTS = [
     (dict(temperature="1"), TypeError, "temperature must be a positive float"),
     (dict(reduction="batchmean"), ValueError, "reduction must be one of"),
     (dict(backend="nope"), ValueError, "backend must be 'auto' or one of"),
-    (dict(num_classes=0), ValueError, "num_classes must be a positive int"),
-    (dict(num_classes=2.5), ValueError, "num_classes must be a positive int"),
+    (dict(temperature=float("nan")), ValueError, "temperature must be a finite number > 0"),
+    (dict(temperature=1e-310), ValueError, r"temperature must lie in \[.*\] for torch.float64 features"),
+    (dict(num_classes=0), ValueError, "num_classes must be a positive int, got 0"),
+    (dict(num_classes=-3), ValueError, "num_classes must be a positive int, got -3"),
+    (dict(num_classes=2.5), TypeError, "num_classes must be a positive int, got float"),
+    (dict(num_classes=4.0), TypeError, "num_classes must be a positive int, got float"),
+    (dict(num_classes=True), TypeError, "num_classes must be a positive int, got bool"),
+    (dict(num_classes=torch.tensor(4)), TypeError, "num_classes must be a positive int, got Tensor"),
+    (dict(centroids=torch.full((4, 6), 1, dtype=torch.long)), TypeError, "centroids must have dtype"),
+    (dict(centroids=torch.full((4, 6), 1 / 6, dtype=torch.complex64)), TypeError, "centroids must have dtype"),
     (dict(centroids=torch.full((4, 5), 0.2)), ValueError, r"centroids must have shape \(num_classes, 6\)"),
     (dict(centroids=torch.full((6,), 1 / 6)), ValueError, "centroids must have 2 dimension"),
     (dict(centroids=torch.full((3, 6), 1 / 6)), ValueError, "num_classes=4 disagrees with centroids"),
@@ -350,14 +363,357 @@ def test_bad_input_is_refused_with_a_clear_error(kwargs, error, match):
 BAD_VALUES = [
     (dict(labels=torch.tensor([0, 1, 2, 3, 4, 0, 1, 2, 3, 0])), "labels must lie in \\[0, num_classes\\) = \\[0, 4\\), got values from 0 to 4"),
     (dict(labels=torch.tensor([0, 1, 2, 3, -1, 0, 1, 2, 3, 0])), "labels must lie in .* got values from -1 to 3"),
-    (dict(centroids=torch.tensor([[0.5, 0.5, 0, 0, 0, 0]] * 3 + [[0.9, 0.2, 0, 0, 0, -0.1]])), "entries finite and >= 0"),
+    (dict(centroids=torch.tensor([[0.5, 0.5, 0, 0, 0, 0]] * 3 + [[0.9, 0.2, 0, 0, 0, -0.1]])), "entries >= 0"),
     (dict(centroids=torch.tensor([[0.5, 0.5, 0, 0, 0, 0]] * 3 + [[0.5, 0.4, 0, 0, 0, 0]])), "row 3 sums to 0.9, not 1"),
-    (dict(centroids=torch.tensor([[0.5, 0.5, 0, 0, 0, 0]] * 3 + [[float("nan"), 0.4, 0, 0, 0, 0]])), "entries finite"),
+    (dict(centroids=torch.tensor([[0.5, 0.5, 0, 0, 0, 0]] * 3 + [[float("nan"), 0.4, 0, 0, 0, 0]])),
+     r"centroids contains non-finite values \(nan or inf\)"),
+    (dict(centroids=torch.tensor([[0.5, 0.5, 0, 0, 0, 0]] * 3 + [[float("inf"), 0, 0, 0, 0, 0]])),
+     r"centroids contains non-finite values \(nan or inf\)"),
+    (dict(labels=torch.tensor([0, 1, 2, 3, 255, 0, 1, 2, 3, 0], dtype=torch.uint8)), "got values from 0 to 255"),
+    (dict(labels=torch.tensor([0, 1, 2, 3, -7, 0, 1, 2, 3, 0], dtype=torch.int8)), "got values from -7 to 3"),
+    (dict(temperature=float("nan")), "temperature must be a finite number > 0"),
+    (dict(temperature=-0.5), "temperature must be a finite number > 0"),
 ]
 
 
 @pytest.mark.parametrize("name", ["reference"] + [n for n in REGISTRY.available("cpu", torch.float64) if n != "reference"])
 @pytest.mark.parametrize("kwargs,match", BAD_VALUES, ids=[b[1][:30] for b in BAD_VALUES])
 def test_bad_values_are_refused_by_every_backend(name, kwargs, match):
-    with pytest.raises(ValueError, match=match):
-        _call(backend=name, **{k: v.double() if k == "centroids" else v for k, v in kwargs.items()})
+    kwargs = {k: v.double() if k == "centroids" else v for k, v in kwargs.items()}
+    for op in (cmi_loss, cmi_per_class):
+        with pytest.raises(ValueError, match=match):
+            _call(backend=name, op=op, **kwargs)
+
+
+def test_num_classes_accepts_numpy_integers():
+    features, labels = batch(20, 8, 4)
+    expected = cmi_loss(features, labels, 4, backend="torch")
+    for count in (np.int64(4), np.int32(4)):
+        assert_close(cmi_loss(features, labels, count, backend="torch"), expected, rtol=0, atol=0)
+        assert cmi_per_class(features, labels, count, backend="reference").shape == (4,)
+
+
+# ---- odd layouts: every backend reads the values the reference reads ----
+
+# name -> (shape of the leaf for (n, k) features, the view of it that is the features)
+FEATURE_LAYOUTS = {
+    "strided-columns": (lambda n, k: (n, 2 * k), lambda b: b[:, ::2]),
+    "strided-rows": (lambda n, k: (2 * n, k), lambda b: b[::2]),
+    "transposed": (lambda n, k: (k, n), lambda b: b.t()),
+    "expanded": (lambda n, k: (1, k), lambda b: b.expand(14, -1)),  # layout_case's n
+    "non-leaf-view": (lambda n, k: (n, k + 3), lambda b: (b * 1.5)[:, 2:-1]),
+}
+# name -> labels (n,) in that layout / dtype, from int64 labels (2n,)
+LABEL_LAYOUTS = {
+    "strided": lambda y: y[::2],
+    "int32": lambda y: y[: y.shape[0] // 2].int(),
+    "expanded": lambda y: y[:1].expand(y.shape[0] // 2),
+    "uint8": lambda y: y[: y.shape[0] // 2].to(torch.uint8),
+    "int16-strided": lambda y: y[1::2].to(torch.int16),
+}
+LAYOUT_CASES = list(zip(FEATURE_LAYOUTS, LABEL_LAYOUTS))
+
+
+def odd_centroids(classes, k, layout, device):
+    """(C, K) probability rows, transposed or every other row of a larger tensor."""
+    gen = torch.Generator().manual_seed(3)
+    if layout == "transposed":
+        centroids = torch.softmax(torch.randn(k, classes, generator=gen, dtype=torch.float64), dim=0).t()
+    else:
+        centroids = torch.softmax(torch.randn(2 * classes, k, generator=gen, dtype=torch.float64), dim=1)[::2]
+    assert not centroids.is_contiguous()
+    return centroids.to(device)
+
+
+def grads_through(fn, base, view, weights):
+    """fn(view(base)) and the gradient of its weighted sum with respect to the leaf ``base``."""
+    base = base.detach().clone().requires_grad_()
+    loss = fn(view(base))
+    (grad,) = torch.autograd.grad((loss.to(weights.dtype) * weights).sum(), base)
+    return loss.detach(), grad
+
+
+def layout_case(features_layout, labels_layout, device, n=14, k=9, classes=5):
+    shape, view = FEATURE_LAYOUTS[features_layout]
+    gen = torch.Generator().manual_seed(21)
+    base = (torch.randn(shape(n, k), generator=gen, dtype=torch.float64) * 2).to(device)
+    long_labels = torch.randint(0, classes - 2, (2 * n,), generator=gen)
+    long_labels[1::2][n // 2] = long_labels[: n][n // 2] = classes - 2  # a class of one row (absent in "expanded")
+    labels = LABEL_LAYOUTS[labels_layout](long_labels.to(device))
+    features = view(base)
+    assert features.shape == (n, k) and labels.shape == (n,) and not features.is_contiguous()
+    assert not labels.is_contiguous() or labels.dtype != torch.long
+    return base, view, labels
+
+
+@pytest.mark.parametrize("name,device", CASES)
+@pytest.mark.parametrize("features_layout,labels_layout", LAYOUT_CASES)
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("centroids_layout", [None, "transposed", "strided-rows"])
+def test_odd_layouts_match_reference(name, device, features_layout, labels_layout, reduction, centroids_layout):
+    base, view, labels = layout_case(features_layout, labels_layout, device)
+    centroids = None if centroids_layout is None else odd_centroids(5, 9, centroids_layout, device)
+    weights = weights_for(reduction, 14, device=device)
+
+    def loss(backend):
+        return lambda f: cmi_loss(f, labels, 5, temperature=0.8, centroids=centroids, reduction=reduction, backend=backend)
+
+    value, grad = grads_through(loss(name), base, view, weights)
+    expected_value, expected_grad = grads_through(loss("reference"), base, view, weights)
+    assert_close(value, expected_value, rtol=1e-10, atol=1e-13)
+    assert_close(grad, expected_grad, rtol=1e-9, atol=1e-13)
+    if centroids is not None or "expanded" not in (features_layout, labels_layout):  # batch centroids of identical rows: KL 0
+        assert expected_grad.abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("name,device", CASES)
+@pytest.mark.parametrize("centroids_layout", [None, "transposed"])
+def test_per_class_odd_layouts_match_reference(name, device, centroids_layout):
+    base, view, labels = layout_case("transposed", "int16-strided", device)
+    centroids = None if centroids_layout is None else odd_centroids(5, 9, centroids_layout, device)
+    weights = torch.tensor([0.3, -1.2, 0.7, 2.0], dtype=torch.float64, device=device)  # the classes with rows
+
+    def loss(backend):
+        return lambda f: cmi_per_class(f, labels, 5, temperature=1.3, centroids=centroids, backend=backend)[:4]
+
+    value, grad = grads_through(loss(name), base, view, weights)
+    expected_value, expected_grad = grads_through(loss("reference"), base, view, weights)
+    assert_close(value, expected_value, rtol=1e-10, atol=1e-13)
+    assert_close(grad, expected_grad, rtol=1e-9, atol=1e-13)
+    assert torch.isnan(cmi_per_class(view(base), labels, 5, centroids=centroids, backend=name)[4])
+
+
+def test_kernels_refuse_layouts_they_do_not_read():
+    strided = torch.randn(6, 10, dtype=torch.float64)[:, ::2]
+    labels = torch.zeros(12, dtype=torch.long)[::2]
+    norm, log_q = torch.zeros(6, 2, dtype=torch.float64), torch.zeros(3, 5, dtype=torch.float64)
+    kernels = []
+    if REGISTRY.problem("cpu", torch.device("cpu"), torch.float64) is None:
+        kernels.append(_extension.load("cmi_cpu"))
+    if REGISTRY.problem("triton", torch.device("cpu"), torch.float64) is None:
+        from ddfast.ops.cmi import triton as triton_kernels
+        kernels.append(triton_kernels)
+    if not kernels:
+        pytest.skip("neither the cpu extension nor Triton is available")
+    for ops in kernels:
+        with pytest.raises(RuntimeError, match="contiguous"):
+            ops.row_norm(strided, 1.0)
+        with pytest.raises(RuntimeError, match="contiguous"):
+            ops.row_kl(strided.contiguous(), labels, norm, log_q, 1.0)
+
+
+# ---- transforms: right, or refused naming the op ----
+
+def _fused_names(device="cpu"):
+    return [n for n in REGISTRY.available(device, torch.float64) if n != "reference"]
+
+
+@pytest.mark.parametrize("name", _fused_names())
+@pytest.mark.parametrize("op", [cmi_loss, cmi_per_class], ids=["cmi_loss", "cmi_per_class"])
+def test_fused_backends_refuse_transforms_they_cannot_follow(name, op):
+    features, labels = batch(12, 5, 4)
+    tangent = torch.randn_like(features)
+
+    def f(x):
+        return op(x, labels, 4, backend=name).nansum()
+
+    refused = f"ddfast.{op.__name__} does not support"
+    for transform in (lambda: torch.func.grad(f)(features), lambda: torch.func.vjp(f, features),
+                      lambda: torch.func.jacrev(f)(features)):
+        with pytest.raises(NotImplementedError, match=f"{refused} torch.func.grad"):
+            transform()
+    for transform in (lambda: torch.func.jvp(f, (features,), (tangent,)), lambda: torch.func.jacfwd(f)(features)):
+        with pytest.raises(NotImplementedError, match=f"{refused} forward-mode AD"):
+            transform()
+    with forward_ad.dual_level(), pytest.raises(NotImplementedError, match=f"{refused} forward-mode AD"):
+        f(forward_ad.make_dual(features, tangent))
+
+
+@pytest.mark.parametrize("name", _fused_names())
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_double_backward_is_refused_and_first_order_create_graph_works(name, reduction):
+    features, labels = batch(12, 5, 4)
+    weights = weights_for(reduction, 12)
+    x = features.clone().requires_grad_()
+    (grad,) = torch.autograd.grad((cmi_loss(x, labels, 4, reduction=reduction, backend=name) * weights).sum(), x, create_graph=True)
+    (expected,) = torch.autograd.grad((cmi_reference(x, labels, 4, reduction=reduction) * weights).sum(), x)
+    assert_close(grad, expected, rtol=1e-9, atol=1e-13)
+    with pytest.raises(NotImplementedError, match="ddfast.cmi_loss does not support double backward"):
+        grad.pow(2).sum().backward()
+
+
+def test_reference_supports_every_transform():
+    features, labels = batch(9, 5, 3)
+    tangent = torch.randn(features.shape, generator=torch.Generator().manual_seed(4), dtype=torch.float64)
+
+    def f(x):
+        return cmi_loss(x, labels, 3, temperature=0.7, backend="reference")
+
+    x = features.clone().requires_grad_()
+    (expected,) = torch.autograd.grad(cmi_reference(x, labels, 3, temperature=0.7), x)
+    assert expected.abs().max() > 1e-2
+    assert_close(torch.func.grad(f)(features), expected, rtol=1e-12, atol=0)
+    directional = (expected * tangent).sum()
+    assert_close(torch.func.jvp(f, (features,), (tangent,))[1], directional, rtol=1e-10, atol=0)
+    with forward_ad.dual_level():
+        assert_close(forward_ad.unpack_dual(f(forward_ad.make_dual(features, tangent))).tangent, directional, rtol=1e-10, atol=0)
+    # double backward: the Hessian-vector product against central differences of the gradient
+    (grad,) = torch.autograd.grad(f(x), x, create_graph=True)
+    (hvp,) = torch.autograd.grad((grad * tangent).sum(), x)
+    eps = 1e-5
+    differences = (torch.func.grad(f)(features + eps * tangent) - torch.func.grad(f)(features - eps * tangent)) / (2 * eps)
+    assert_close(hvp, differences, rtol=1e-6, atol=1e-8)
+    assert hvp.abs().max() > 1e-2
+
+
+VMAP_CASES = CASES + [pytest.param("reference", "cpu", id="reference-cpu")]
+
+
+@pytest.mark.parametrize("name,device", VMAP_CASES)
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+@pytest.mark.parametrize("given_centroids", [False, True], ids=["batch-centroids", "given-centroids"])
+def test_vmap_matches_the_reference_per_entry(name, device, reduction, given_centroids):
+    """vmap over dim 1 (each entry a strided slice), num_classes inferred from labels that differ per entry."""
+    entries, n, k, classes = 3, 11, 6, 5
+    gen = torch.Generator().manual_seed(8)
+    features = (torch.randn(n, entries, k, generator=gen, dtype=torch.float64) * 2).to(device)
+    labels = torch.randint(0, classes, (n, entries), generator=gen)
+    labels[:, 0] = labels[:, 0] % 3  # entry 0 alone would infer 3 classes
+    labels = labels.to(device)
+    centroids = torch.softmax(torch.randn(entries, classes, k, generator=gen, dtype=torch.float64), dim=2).to(device) if given_centroids else None
+    weights = weights_for(reduction, n, device=device)
+
+    def loss(f, y, c):
+        return cmi_loss(f, y, temperature=0.9, centroids=c, reduction=reduction, backend=name)
+
+    x = features.clone().requires_grad_()
+    value = torch.func.vmap(loss, in_dims=(1, 1, None if centroids is None else 0))(x, labels, centroids)
+    (grad,) = torch.autograd.grad((value * weights).sum(), x)
+    expected = [cmi_reference(x[:, b], labels[:, b], classes, temperature=0.9, reduction=reduction,
+                              centroids=None if centroids is None else centroids[b]) for b in range(entries)]
+    (expected_grad,) = torch.autograd.grad((torch.stack(expected) * weights).sum(), x)
+    assert_close(value, torch.stack(expected), rtol=1e-10, atol=1e-13)
+    assert_close(grad, expected_grad, rtol=1e-9, atol=1e-13)
+
+    per_class = torch.func.vmap(lambda f, y: cmi_per_class(f, y, classes, backend=name), in_dims=(1, 1))(features, labels)
+    for b in range(entries):
+        expected_per_class = cmi_per_class(features[:, b], labels[:, b], classes, backend="reference")
+        torch.testing.assert_close(per_class[b].cpu(), expected_per_class.cpu(), rtol=1e-10, atol=1e-13, equal_nan=True)
+    with pytest.raises(ValueError, match="cmi_per_class needs num_classes under torch.func.vmap"):
+        torch.func.vmap(lambda f, y: cmi_per_class(f, y, backend=name), in_dims=(1, 1))(features, labels)
+
+
+# ---- values: refused on every backend, or right at the extremes ----
+
+ALL_NAMES = ["reference"] + _fused_names()
+
+
+@pytest.mark.parametrize("name", ALL_NAMES)
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), float("-inf")], ids=["nan", "inf", "-inf"])
+@pytest.mark.parametrize("given_centroids", [False, True], ids=["batch-centroids", "given-centroids"])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16])
+def test_non_finite_features_are_refused(name, value, given_centroids, dtype):
+    features, labels = batch(21, 37, 4, dtype=dtype)
+    features[13, 36] = value  # the last column: in a partly filled vector or tile
+    centroids = simplex(4, 37, dtype=dtype) if given_centroids else None
+    for op in (cmi_loss, cmi_per_class):
+        with pytest.raises(ValueError, match=r"features contains non-finite values \(nan or inf\)"):
+            op(features.t().contiguous().t(), labels, 4, centroids=centroids, backend=name)
+
+
+@pytest.mark.parametrize("name", ALL_NAMES)
+def test_temperature_whose_inverse_is_not_a_normal_float_is_refused(name):
+    features, labels = batch(10, 6, 4, dtype=torch.float32)
+    for temperature in (1e-39, 1e38):
+        with pytest.raises(ValueError, match=r"temperature must lie in \[2.94e-39, 8.51e\+37\] for torch.float32 features"):
+            cmi_loss(features, labels, 4, temperature=temperature, backend=name)
+    assert torch.isfinite(cmi_loss(features.double(), labels, 4, temperature=1e-39, centroids=simplex(4, 6), backend=name))
+
+
+def one_hot_limit(features, labels, centroids=None):
+    """(N,) KL as temperature -> 0: P_i is one-hot at row i's argmax a_i, so KL_i = -log Q_{y_i, a_i}."""
+    top = features.argmax(dim=1)
+    if centroids is not None:
+        return -centroids[labels, top].log()
+    same = (labels[:, None] == labels[None, :])
+    return -((same & (top[:, None] == top[None, :])).sum(1).double() / same.sum(1).double()).log()
+
+
+@pytest.mark.parametrize("name,device", LOW_PRECISION_CASES)
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+@pytest.mark.parametrize("given_centroids", [False, True], ids=["batch-centroids", "given-centroids"])
+def test_tiny_temperature_gives_the_one_hot_limit(name, device, reduction, given_centroids):
+    """T = 1e-36 in float32 (1 / T near the largest float32): every P is one-hot to float precision."""
+    features, labels = batch(40, 5, 4, dtype=torch.float32, device=device, seed=12)
+    centroids = simplex(4, 5, dtype=torch.float32).to(device) if given_centroids else None
+    kl = cmi_loss(features, labels, 4, temperature=1e-36, centroids=centroids, reduction="none", backend=name)
+    expected = one_hot_limit(features.double(), labels, centroids)
+    assert_close(kl, expected, rtol=1e-6, atol=1e-6)
+    assert expected.max() > 0.5
+    weights = weights_for(reduction, 40, dtype=torch.float32, device=device)
+    _, grad = value_and_grad(lambda f: cmi_loss(f, labels, 4, temperature=1e-36, centroids=centroids, reduction=reduction,
+                                                backend=name), features, weights)
+    assert torch.isfinite(grad).all()  # the exact gradient is of order exp(-gap / T) / T: 0 in float32
+    assert grad.abs().max() <= 1e-30
+
+
+@pytest.mark.parametrize("name,device", LOW_PRECISION_CASES)
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+@pytest.mark.parametrize("given_centroids", [False, True], ids=["batch-centroids", "given-centroids"])
+def test_finite_features_whose_log_probability_overflows(name, device, reduction, given_centroids):
+    """Columns at -3e38 in float32: (f - max) / T overflows to -inf there (P = 0 exactly, and log Q = -inf
+    with batch centroids); the other columns must come out as if those were absent."""
+    features, labels = batch(30, 9, 4, dtype=torch.float32, device=device, scale=2.0, seed=13)
+    features[:, 6:] = -3e38
+    centroids = simplex(4, 9, dtype=torch.float32).to(device) if given_centroids else None
+    weights = weights_for(reduction, 30, device=device)
+    value, grad = value_and_grad(lambda f: cmi_loss(f, labels, 4, temperature=0.5, centroids=centroids, reduction=reduction,
+                                                    backend=name), features, weights)
+    near = features[:, :6].double()
+    expected_value, expected_grad = value_and_grad(
+        lambda f: cmi_reference(f, labels, 4, temperature=0.5, reduction=reduction,
+                                centroids=None if centroids is None else centroids[:, :6].double()), near, weights)
+    assert_close(value, expected_value, rtol=1e-5, atol=1e-6)
+    assert_close(grad[:, :6], expected_grad, rtol=1e-4, atol=1e-5 * expected_grad.abs().max().item())
+    assert torch.equal(grad[:, 6:], torch.zeros_like(grad[:, 6:])) and expected_grad.abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("name", ["reference"] + [n for n in REGISTRY.available("cpu", torch.float32) if n != "reference"])
+def test_huge_temperature_and_features(name):
+    """Features near 1e37 with T = 1e37 (f / T of order 1) in float32 match float64."""
+    features, labels = batch(30, 9, 4, dtype=torch.float64, scale=1.0, seed=14)
+    features = (features * 1e37).float()
+    weights = weights_for("none", 30)
+    value, grad = value_and_grad(lambda f: cmi_loss(f, labels, 4, temperature=1e37, reduction="none", backend=name), features, weights)
+    exact_value, exact_grad = value_and_grad(lambda f: cmi_reference(f.double(), labels, 4, temperature=1e37, reduction="none"),
+                                             features, weights)
+    assert_close(value, exact_value, rtol=1e-4, atol=1e-6)
+    assert_close(grad, exact_grad, rtol=1e-3, atol=1e-4 * exact_grad.abs().max().item())
+    assert exact_value.max() > 0.05
+
+
+@pytest.mark.parametrize("name", ["reference"] + [n for n in REGISTRY.available("cpu", torch.float32) if n != "reference"])
+def test_large_finite_features_with_a_small_temperature(name):
+    """float32 features near 3e38 at T = 0.5: f / T would overflow, (f - max) / T does not."""
+    gen = torch.Generator().manual_seed(15)
+    features = (3e38 - 1e38 * torch.rand(12, 6, generator=gen, dtype=torch.float64)).float()
+    labels = torch.arange(12) % 3
+    centroids = simplex(3, 6, dtype=torch.float32)
+    kl = cmi_loss(features, labels, 3, temperature=0.5, centroids=centroids, reduction="none", backend=name)
+    assert_close(kl, one_hot_limit(features.double(), labels, centroids.double()), rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("name,device", CASES)
+@pytest.mark.parametrize("n,k", [(1, 7), (9, 1), (1, 1)])
+@pytest.mark.parametrize("given_centroids", [False, True], ids=["batch-centroids", "given-centroids"])
+def test_one_row_or_one_column(name, device, n, k, given_centroids):
+    features, _ = batch(n, k, 4, device=device)
+    labels = torch.arange(n, device=device) % 3
+    centroids = simplex(4, k).to(device) if given_centroids else None
+    weights = weights_for("none", n, device=device)
+    options = dict(temperature=0.6, centroids=centroids, reduction="none")
+    value, grad = value_and_grad(lambda f: cmi_loss(f, labels, 4, backend=name, **options), features, weights)
+    expected_value, expected_grad = value_and_grad(lambda f: cmi_reference(f, labels, 4, **options), features, weights)
+    assert_close(value, expected_value, rtol=1e-10, atol=1e-13)
+    assert_close(grad, expected_grad, rtol=1e-9, atol=1e-13)
+    assert torch.isfinite(value).all() and torch.isfinite(grad).all()

@@ -84,7 +84,7 @@ def test_state_round_trips():
 
 
 def test_config_errors():
-    with pytest.raises(ValueError, match="mim weight must be >= 0"):
+    with pytest.raises(ValueError, match="weight must be a finite number >= 0, got -1"):
         MIMConfig(weight=-1)
     with pytest.raises(ValueError, match="bank_per_class"):
         MIMConfig(weight=1, bank_per_class=0)

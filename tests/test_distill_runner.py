@@ -136,3 +136,37 @@ def test_registered_method_runs_and_a_nan_keeps_the_last_checkpoint(monkeypatch,
         run(config, tmp_path, quiet=True)
     state = checkpoint.load(tmp_path / "checkpoint.pt")
     assert state["progress"]["iteration"] == 1 and torch.isfinite(state["images"]).all()
+
+
+def test_run_checks_its_arguments_before_any_work(tmp_path, monkeypatch):
+    from ddfast.distill import runner
+
+    def load_data(*args, **kwargs):
+        raise AssertionError("started working before refusing")
+
+    monkeypatch.setattr(runner, "load_data", load_data)
+    config = tiny_config("dm")
+    for stop_after in (0, -1, 1.5):
+        with pytest.raises(ValueError, match="stop_after"):
+            run(config, tmp_path, quiet=True, stop_after=stop_after)
+    for device in ("foo", "tpu", "cuda:99"):
+        with pytest.raises(ValueError, match="device"):
+            run(config, tmp_path, quiet=True, device=device)
+    with pytest.raises(ValueError, match="options.experts.train_per_class=500 asks for more training images per class than the 30"):
+        run(tiny_config("mtt"), tmp_path, quiet=True)
+    with pytest.raises(ValueError, match="'bptt' trains a student without running statistics"):
+        run(tiny_config("bptt", model=dataclasses.replace(config.model, norm="batchnorm")), tmp_path, quiet=True)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_training_split_too_small_for_the_draws_is_refused_before_pretraining(tmp_path, monkeypatch):
+    mnist_root()
+    from ddfast.distill import runner
+
+    def regularizers(*args, **kwargs):
+        raise AssertionError("pre-trained before refusing")
+
+    monkeypatch.setattr(runner, "regularizers", regularizers)
+    config = tiny_config("dm", train_per_class=None, val_per_class=10, ipc=6000)
+    with pytest.raises(ValueError, match="ipc=6000 asks for more training images per class than the .* of mnist's training split"):
+        run(config, tmp_path, quiet=True)

@@ -39,3 +39,34 @@ def test_cache_location(monkeypatch, tmp_path):
     assert pretrain.cache_dir(tmp_path / "x") == tmp_path / "x"
     with pytest.raises(ValueError, match="pool"):
         pretrain.PretrainSpec(pool=0)
+
+
+@pytest.mark.parametrize("spoil", ["random bytes", "truncated", "a tensor", "other settings", "nan weights"])
+def test_a_corrupt_cached_network_is_named_and_trained_again(tmp_path, capsys, spoil):
+    mnist_root()
+    data = load_data(tiny_config())
+    spec = dataclasses.replace(tiny_pretrain(), pool=1, epochs=1)
+    key = {"dataset": "mnist", "split": "tiny"}
+    pretrain.pretrained_pool(spec, data, key, cache=tmp_path, quiet=True)
+    [path] = (tmp_path / "pretrained").iterdir()
+    good = path.read_bytes()
+    if spoil == "random bytes":
+        path.write_bytes(bytes(range(256)) * 8)
+    elif spoil == "truncated":
+        path.write_bytes(good[: len(good) // 2])
+    elif spoil == "a tensor":
+        torch.save(torch.zeros(3), path)
+    else:
+        state = torch.load(path, weights_only=True)
+        if spoil == "other settings":
+            state["settings"] = {**state["settings"], "lr": 0.5}
+        else:
+            state["state_dict"]["classifier.weight"].fill_(float("nan"))
+        torch.save(state, path)
+    capsys.readouterr()
+    [again] = pretrain.pretrained_pool(spec, data, key, cache=tmp_path, quiet=True)
+    [warning] = capsys.readouterr().err.splitlines()
+    assert warning.startswith(f"ddfast: warning: {path} ") and warning.endswith("training it again")
+    [loaded] = pretrain.pretrained_pool(spec, data, key, cache=tmp_path)  # the rebuilt file now loads
+    assert "loaded from" in capsys.readouterr().err
+    assert all(torch.equal(x, y) for x, y in zip(again.state_dict().values(), loaded.state_dict().values()))

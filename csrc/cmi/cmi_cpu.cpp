@@ -66,18 +66,23 @@ void load_row(const scalar_t* src, T* dst, int64_t k) {
   for (int64_t j = 0; j < k; ++j) dst[j] = static_cast<T>(src[j]);
 }
 
-// The softmax normaliser of f[0:k] / T: out[0] = max f, out[1] = log sum exp((f - max) * inv_t).
+// The softmax normaliser of f[0:k] / T: out[0] = max f, out[1] = log sum exp((f - max) * inv_t),
+// or nan when f holds a nan or an inf.
 template <typename T>
 void normaliser(const T* f, int64_t k, T inv_t, T* out) {
   constexpr int64_t W = Vec<T>::size();
-  Vec<T> m(neg_inf<T>());
-  for (int64_t j = 0; j < k; j += W) m = at::vec::maximum(m, load_or(f + j, k - j, neg_inf<T>()));
+  Vec<T> m(neg_inf<T>()), non_finite(0);  // the sum of v - v: 0 while every v is finite, nan after a nan or an inf
+  for (int64_t j = 0; j < k; j += W) {
+    m = at::vec::maximum(m, load_or(f + j, k - j, neg_inf<T>()));
+    const Vec<T> v = load_or(f + j, k - j, T(0));
+    non_finite = non_finite + (v - v);
+  }
   const T top = lanes_max(m);
   const Vec<T> shift(top), scale(inv_t);
   Vec<T> s(0);
   for (int64_t j = 0; j < k; j += W) s = s + ((load_or(f + j, k - j, neg_inf<T>()) - shift) * scale).exp();
   out[0] = top;
-  out[1] = std::log(lanes_sum(s));
+  out[1] = lanes_sum(non_finite) == T(0) ? std::log(lanes_sum(s)) : std::numeric_limits<T>::quiet_NaN();
 }
 
 // x[0:k] = (f - norm[0]) * inv_t - norm[1] in place: log P.
@@ -278,6 +283,7 @@ Tensor chunk_centroid_grad(const Tensor& features, const Tensor& order, const Te
     T* part = partial.mutable_data_ptr<T>();
     at::parallel_for(0, chunks, 1, [&](int64_t lo, int64_t hi) {
       std::vector<T> x(k);
+      const Vec<T> zero(0), minus_inf(neg_inf<T>());  // a term is 0 where log P is -inf (see cmi_ops.h)
       for (int64_t c = lo; c < hi; ++c) {
         T* acc = part + c * k;
         std::fill(acc, acc + k, T(0));
@@ -288,7 +294,8 @@ Tensor chunk_centroid_grad(const Tensor& features, const Tensor& order, const Te
           const Vec<T> weight(grad[i]);
           for (int64_t j = 0; j < k; j += W) {
             const int64_t left = std::min(W, k - j);
-            const Vec<T> e = (Vec<T>::loadu(x.data() + j, left) - Vec<T>::loadu(q + j, left)).exp();
+            const Vec<T> xv = Vec<T>::loadu(x.data() + j, left);
+            const Vec<T> e = Vec<T>::blendv(zero, (xv - Vec<T>::loadu(q + j, left)).exp(), xv > minus_inf);
             store_first(Vec<T>::loadu(acc + j, left) + weight * e, acc + j, left);
           }
         }

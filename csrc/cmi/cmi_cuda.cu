@@ -94,12 +94,20 @@ __device__ __forceinline__ T warp_sum(T v) {
   return __shfl_sync(kFullMask, v, 0);
 }
 
-// The normaliser of row[0:k] / T, computed by one warp.
+// The normaliser of row[0:k] / T, computed by one whole warp; its log_sum is nan when the row holds
+// a nan or an inf (which lse_add would skip or absorb).
 template <typename scalar_t, typename T>
 __device__ Norm<T> row_normaliser(const scalar_t* row, int64_t k, T inv_t, int lane) {
   T m = neg_inf<T>(), s = 0;
-  for (int64_t j = lane; j < k; j += kWarp) lse_add(m, s, static_cast<T>(row[j]), inv_t);
-  return warp_norm(m, s, inv_t);
+  bool finite = true;
+  for (int64_t j = lane; j < k; j += kWarp) {
+    const T x = static_cast<T>(row[j]);
+    finite = finite && isfinite(x);
+    lse_add(m, s, x, inv_t);
+  }
+  Norm<T> norm = warp_norm(m, s, inv_t);
+  if (!__all_sync(kFullMask, finite)) norm.log_sum = std::numeric_limits<T>::quiet_NaN();
+  return norm;
 }
 
 // log P of one entry from its feature value and its row's normaliser.
@@ -207,7 +215,8 @@ __global__ void chunk_centroid_grad_kernel(const scalar_t* __restrict__ f, const
   T total = 0;
   for (int64_t r = start[c]; r < end[c]; ++r) {
     const int64_t i = order[r];
-    total += g[i] * exp_(log_p(f[i * k + j], inv_t, load_norm(norm, i)) - q);
+    const T x = log_p(f[i * k + j], inv_t, load_norm(norm, i));
+    if (x > neg_inf<T>()) total += g[i] * exp_(x - q);  // 0 where log P is -inf (see cmi_ops.h)
   }
   partial[c * k + j] = total;
 }

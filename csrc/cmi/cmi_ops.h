@@ -11,14 +11,15 @@
 //
 // Kernels (inputs contiguous; features float / double / bfloat16 / half; acc = double for double
 // inputs, float otherwise; index tensors int64):
-//   row_norm(features, inv_t) -> norm (N, 2) acc
-//   chunk_norm(features, order, start, end, inv_t) -> (norm (N, 2) acc, partial (M, K) acc)
+//   row_norm(features, inv_t) -> norm (N, 2) acc; norm[i, 1] is nan when row i holds a nan or an inf
+//   chunk_norm(features, order, start, end, inv_t) -> (norm (N, 2) acc as row_norm's, partial (M, K) acc)
 //       partial[j, k] = logsumexp of x_ik over the rows i of chunk j
 //   combine_lse(partial, first, counts) -> log_q (C, K) acc: logsumexp over a class's chunks
 //       minus log n_c; -inf for absent classes
 //   row_kl(features, labels, norm, log_q, inv_t) -> kl (N,) acc: sum_k P (x - log_q[y]), 0 where P = 0
 //   chunk_centroid_grad(features, order, start, end, cls, norm, log_q, g, inv_t) -> partial (M, K) acc
-//       partial[j, k] = sum over chunk j's rows of g_i exp(x_ik - log_q[cls_j, k])
+//       partial[j, k] = sum over chunk j's rows of g_i exp(x_ik - log_q[cls_j, k]), terms with x_ik = -inf
+//       taken as 0 (log_q may be -inf there too; row_grad multiplies a by P = 0 in those columns)
 //   combine_mean(partial, first, counts) -> a (C, K) acc: sum over a class's chunks / n_c (0 if absent)
 //   row_grad(features, labels, norm, log_q, kl, g, a?, inv_t) -> grad (N, K) in the features' dtype
 //       grad = inv_t * P * (g (x - log_q[y] - kl) - a[y] + sum_k P a[y]), 0 where P = 0

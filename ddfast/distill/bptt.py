@@ -11,6 +11,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from ..settings import COUNT, check
 from .common import register
 from .unroll import StudentOptions, UnrolledMethod
 
@@ -21,8 +22,7 @@ class BPTTOptions(StudentOptions):
 
     def __post_init__(self):
         super().__post_init__()
-        if self.inner_steps < 1:
-            raise ValueError(f"options.inner_steps must be >= 1, got {self.inner_steps}")
+        check(self, inner_steps=COUNT)
 
 
 @register

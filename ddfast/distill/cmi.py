@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from ..pretrain import PretrainSpec
+from ..settings import NON_NEGATIVE, POSITIVE, SettingError, check
 
 FEATURES = ("embed", "logits")
 
@@ -26,12 +27,9 @@ class CMIConfig:
     pretrain: PretrainSpec = field(default_factory=PretrainSpec)
 
     def __post_init__(self):
-        if not self.weight >= 0:
-            raise ValueError(f"cmi weight must be >= 0, got {self.weight}")
+        check(self, weight=NON_NEGATIVE, temperature=POSITIVE)
         if self.features not in FEATURES:
-            raise ValueError(f"cmi features must be one of {FEATURES}, got {self.features!r}")
-        if not self.temperature > 0:
-            raise ValueError(f"cmi temperature must be > 0, got {self.temperature}")
+            raise SettingError("features", f"one of {FEATURES}", self.features)
 
 
 class CMIRegularizer:

@@ -130,6 +130,7 @@ class Method:
     def __init__(self, ctx: Context):
         self.ctx = ctx
         config = ctx.config
+        self.check_config(config)
         self.options = self.read_options(config.options)
         self.dsa = DSA() if config.dsa else None
         self.optimizers = [torch.optim.SGD([ctx.synthetic.images], lr=config.image_lr, momentum=config.image_momentum)]
@@ -140,10 +141,14 @@ class Method:
         if options is None:
             return cls.Options()
         if isinstance(options, dict):
-            return from_dict(cls.Options, options)
+            return from_dict(cls.Options, options, "options.")
         if not isinstance(options, cls.Options):
             raise TypeError(f"options for method {cls.name!r} must be {cls.Options.__name__}, got {type(options).__name__}")
         return options
+
+    @classmethod
+    def check_config(cls, config: DistillConfig) -> None:
+        """Refuse settings this method cannot run (``ValueError``), before any work; the default accepts all."""
 
     @classmethod
     def preset(cls, name: str, dataset: str, ipc: int) -> dict[str, Any]:

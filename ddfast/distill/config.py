@@ -7,6 +7,7 @@ from typing import Any
 
 from ..evaluate import EvalProtocol
 from ..models import ModelSpec
+from ..settings import COUNT, MOMENTUM, NON_NEGATIVE_INT, OPTIONAL_COUNT, POSITIVE, Range, SettingError, check
 from .cmi import CMIConfig
 from .mim import MIMConfig
 
@@ -39,14 +40,8 @@ class DistillConfig:
     seed: int = 0
 
     def __post_init__(self):
-        for name in ("ipc", "iterations", "real_per_class", "select_models", "checkpoint_every", "val_per_class"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if self.select_every < 0:
-            raise ValueError(f"select_every must be >= 0, got {self.select_every}")
-        if not self.image_lr > 0:
-            raise ValueError(f"image_lr must be > 0, got {self.image_lr}")
-        if self.zca is not None and not self.zca > 0:
-            raise ValueError(f"zca must be None (off) or a regularisation > 0, got {self.zca}")
+        check(self, ipc=COUNT, iterations=COUNT, real_per_class=COUNT, select_models=COUNT, checkpoint_every=COUNT, val_per_class=COUNT,
+              select_every=NON_NEGATIVE_INT, image_lr=POSITIVE, image_momentum=MOMENTUM, zca=Range(0, open_low=True, optional=True),
+              train_per_class=OPTIONAL_COUNT, test_per_class=OPTIONAL_COUNT)
         if self.init not in INITS:
-            raise ValueError(f"init must be one of {INITS}, got {self.init!r}")
+            raise SettingError("init", f"one of {INITS}", self.init)

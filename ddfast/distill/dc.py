@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..evaluate import train_network
+from ..settings import COUNT, NON_NEGATIVE_INT, POSITIVE, check
 from .common import Method, register
 
 # (outer_loop, inner_loop) of the reference code per IPC
@@ -30,8 +31,7 @@ class GradientMatchingOptions:
     train_batch: int = 256  # batch size of those network updates
 
     def __post_init__(self):
-        if self.outer_loop < 1 or self.inner_loop < 0 or self.train_batch < 1:
-            raise ValueError(f"need outer_loop >= 1, inner_loop >= 0, train_batch >= 1, got {self}")
+        check(self, outer_loop=COUNT, inner_loop=NON_NEGATIVE_INT, net_lr=POSITIVE, train_batch=COUNT)
 
 
 def gradient_distance(syn_grads: Sequence[torch.Tensor], real_grads: Sequence[torch.Tensor], eps: float = 1e-6) -> torch.Tensor:
@@ -69,10 +69,10 @@ def matching_loss(network: nn.Module, real: Sequence[torch.Tensor], syn: Sequenc
 class GradientMatching(Method):
     Options = GradientMatchingOptions
 
-    def __init__(self, ctx):
-        super().__init__(ctx)
-        if ctx.config.model.norm == "batchnorm":
-            raise ValueError(f"method {self.name!r} matches per-class gradients and does not support norm='batchnorm'; use instancenorm or none")
+    @classmethod
+    def check_config(cls, config) -> None:
+        if config.model.norm == "batchnorm":
+            raise ValueError(f"method {cls.name!r} matches per-class gradients and does not support model.norm=batchnorm; use instancenorm or none")
 
     @classmethod
     def preset(cls, name: str, dataset: str, ipc: int) -> dict[str, Any]:

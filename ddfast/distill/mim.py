@@ -27,6 +27,7 @@ from ..data import RealData, random_per_class
 from ..models import ModelSpec
 from ..pretrain import PretrainSpec
 from ..seeding import derive_seed, seeded
+from ..settings import COUNT, NON_NEGATIVE, OPTIONAL_COUNT, POSITIVE, Range, check
 
 
 @dataclass(frozen=True)
@@ -43,18 +44,8 @@ class MIMConfig:
     pretrain: PretrainSpec = field(default_factory=lambda: PretrainSpec(model=ModelSpec(), pool=5, epochs=20, weight_decay=5e-4))
 
     def __post_init__(self):
-        if not self.weight >= 0:
-            raise ValueError(f"mim weight must be >= 0, got {self.weight}")
-        if not 0 < self.beta:
-            raise ValueError(f"mim beta must be > 0, got {self.beta}")
-        if not self.temperature > 0:
-            raise ValueError(f"mim temperature must be > 0, got {self.temperature}")
-        if self.head_layers not in (0, 1, 2):
-            raise ValueError(f"mim head_layers must be 0, 1 or 2, got {self.head_layers}")
-        if self.head_dim < 1 or self.pool < 1 or self.refresh_every < 1 or not self.head_lr > 0:
-            raise ValueError(f"mim head_dim, pool, refresh_every must be >= 1 and head_lr > 0, got {self}")
-        if self.bank_per_class is not None and self.bank_per_class < 1:
-            raise ValueError(f"mim bank_per_class must be >= 1 or None (the whole training split), got {self.bank_per_class}")
+        check(self, weight=NON_NEGATIVE, beta=POSITIVE, temperature=POSITIVE, head_layers=Range(0, 2, integer=True), head_dim=COUNT,
+              head_lr=POSITIVE, pool=COUNT, bank_per_class=OPTIONAL_COUNT, refresh_every=COUNT)
         if self.pretrain.model.arch != "convnet":
             raise ValueError(f"mim needs ConvNet feature networks (layer-wise features), got mim.pretrain.model.arch={self.pretrain.model.arch!r}")
 

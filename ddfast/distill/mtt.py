@@ -18,6 +18,7 @@ import torch
 
 from ..buffers import ExpertBuffer, ExpertSpec, buffer_meta, default_folder, train_experts
 from ..data import RealData
+from ..settings import COUNT, check
 from .common import register
 from .config import DistillConfig
 from .unroll import StudentOptions, UnrolledMethod
@@ -32,8 +33,7 @@ class MTTOptions(StudentOptions):
 
     def __post_init__(self):
         super().__post_init__()
-        if self.syn_steps < 1 or self.expert_epochs < 1 or self.max_start_epoch < 1:
-            raise ValueError(f"options.syn_steps, expert_epochs and max_start_epoch must be >= 1, got {self.syn_steps}, {self.expert_epochs}, {self.max_start_epoch}")
+        check(self, syn_steps=COUNT, expert_epochs=COUNT, max_start_epoch=COUNT)
         if self.max_start_epoch - 1 + self.expert_epochs > self.experts.epochs:
             raise ValueError(f"options.max_start_epoch - 1 + options.expert_epochs = {self.max_start_epoch - 1 + self.expert_epochs} "
                              f"is beyond the experts' {self.experts.epochs} epochs (options.experts.epochs)")

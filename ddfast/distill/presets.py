@@ -11,6 +11,7 @@ from ..data import dataset_info
 from ..evaluate import EvalProtocol
 from ..models import ModelSpec
 from ..pretrain import PretrainSpec
+from ..settings import prefixed
 from .cmi import CMIConfig
 from .common import method_class
 from .config import DistillConfig
@@ -70,18 +71,22 @@ def preset(method: str, dataset: str, ipc: int, name: str = "upstream", *, cmi: 
 
 def _cmi(method: str, dataset: str, ipc: int, name: str, weight: float | None) -> CMIConfig:
     if name == "quick":
-        return CMIConfig(**{**QUICK_CMI, **({"weight": weight} if weight is not None else {})}, pretrain=QUICK_PRETRAIN)
+        with prefixed("cmi."):
+            return CMIConfig(**{**QUICK_CMI, **({"weight": weight} if weight is not None else {})}, pretrain=QUICK_PRETRAIN)
     if weight is None:
         if (method, dataset, ipc) not in UPSTREAM_CMI_WEIGHTS:
             known = ", ".join(f"{m} {d} ipc {i}" for m, d, i in UPSTREAM_CMI_WEIGHTS)
             raise ValueError(f"no upstream CMI weight for {method} on {dataset} ipc {ipc} (known: {known}); pass cmi_weight / --cmi-weight, chosen on the validation split")
         weight = UPSTREAM_CMI_WEIGHTS[(method, dataset, ipc)]
-    return CMIConfig(weight=weight)
+    with prefixed("cmi."):
+        return CMIConfig(weight=weight)
 
 
 def _mim(name: str, weight: float | None) -> MIMConfig:
     if name == "quick":
-        return MIMConfig(**{**QUICK_MIM, **({"weight": weight} if weight is not None else {})}, pretrain=QUICK_PRETRAIN)
+        with prefixed("mim."):
+            return MIMConfig(**{**QUICK_MIM, **({"weight": weight} if weight is not None else {})}, pretrain=QUICK_PRETRAIN)
     if weight is None:
         raise ValueError("MIM4DD's weight is not published; pass mim_weight / --mim-weight, chosen on the validation split (--sweep mim.weight=...)")
-    return MIMConfig(weight=weight)
+    with prefixed("mim."):
+        return MIMConfig(weight=weight)

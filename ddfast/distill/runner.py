@@ -17,32 +17,21 @@ from pathlib import Path
 
 import torch
 from .. import checkpoint
-from ..data import RealData, load, whiten
+from ..data import RealData, dataset_info, load, whiten
 from ..evaluate import evaluate, evaluate_with_baseline
 from ..pretrain import pretrained_pool
 from ..progress import bar, logger
 from ..seeding import derive_seed, seeded
-from ..settings import describe_differences, to_dict
+from ..settings import to_dict
 from .cmi import CMIRegularizer
 from .mim import MIMRegularizer
 from .common import Context, RealSampler, SyntheticSet, method_class
 from .config import DistillConfig
 from .outputs import save_grid, save_synthetic
+from .preflight import CHECKPOINT, FORMAT, RESTART, check_draws, check_out, check_settings, resolve_device
 
-CHECKPOINT = "checkpoint.pt"
-FORMAT = "ddfast-distill-checkpoint/1"
 CHECKPOINT_SECONDS = 300  # also checkpoint at least this often
 SPLIT_SEED = 0  # the validation split (and pre-trained pools) are shared by runs of every seed
-
-
-def resolve_device(device: str | torch.device | None) -> torch.device:
-    """``device``, or cuda when available, else cpu."""
-    if device is None:
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device {device} asked for, but CUDA is not available here")
-    return device
 
 
 def load_data(config: DistillConfig, root=None, download: bool = False) -> RealData:
@@ -50,6 +39,19 @@ def load_data(config: DistillConfig, root=None, download: bool = False) -> RealD
     data = load(config.dataset, root, val_per_class=config.val_per_class, seed=SPLIT_SEED,
                 train_per_class=config.train_per_class, test_per_class=config.test_per_class, download=download)
     return whiten(data, config.zca) if config.zca is not None else data
+
+
+def check_start(config: DistillConfig, out_dir: str | os.PathLike, *, device: str | torch.device | None = None, restart: bool = False,
+                stop_after: int | None = None) -> tuple[torch.device, dict | None]:
+    """Everything ``run`` checks before any work: the device, the settings, ``stop_after``, the output
+    folder and its checkpoint. Returns the device and the checkpoint to resume from (None: none)."""
+    device = resolve_device(device)
+    check_settings(config)
+    if stop_after is not None and (isinstance(stop_after, bool) or not isinstance(stop_after, int) or stop_after < 1):
+        raise ValueError(f"stop_after (--stop-after) must be an integer >= 1, got {stop_after!r}")
+    info = dataset_info(config.dataset)
+    image_shape = (info.num_classes * config.ipc, info.channels, info.image_size, info.image_size)
+    return device, check_out(Path(out_dir), to_dict(config), image_shape, restart=restart)
 
 
 def data_key(config: DistillConfig) -> dict:
@@ -99,26 +101,27 @@ def run(
     """
     session: dict[str, dict[str, float]] = {}  # this call's timings; distill / select accumulate in progress
     out = Path(out_dir)
-    device = resolve_device(device)
+    device, state = check_start(config, out, device=device, restart=restart, stop_after=stop_after)
     log = logger(quiet)
     method_cls = method_class(config.method)
     with timed(session, "data"):
         data = load_data(config, data_root, download).to(device)
-    with timed(session, "pretrain"):
-        regs = regularizers(config, data, cache_dir=cache_dir, quiet=quiet)
-
+    check_draws(config, int(torch.bincount(data.train.labels, minlength=data.info.num_classes).min()), f"{data.info.name}'s training split")
     generator = torch.Generator().manual_seed(derive_seed(config.seed, "init"))
     synthetic = SyntheticSet.initial(data, config.ipc, config.init, generator)
+    with timed(session, "pretrain"):
+        regs = regularizers(config, data, cache_dir=cache_dir, quiet=quiet)
     with timed(session, "prepare"):  # e.g. MTT's expert buffer, trained here when missing
         method = method_cls(Context(config, data, synthetic, RealSampler(data), regs, data_key(config), cache_dir, quiet))
     settings = to_dict(config)
     progress = {"iteration": 0, "history": [], "selection": [], "best": None, "seconds": {}}
-    state = None if restart else checkpoint.load(out / CHECKPOINT)
     if state is not None:
-        _check_resumable(state, settings, out / CHECKPOINT)
         with torch.no_grad():
             synthetic.images.copy_(state["images"].to(device))
-        method.load_state_dict(state["method"])
+        try:
+            method.load_state_dict(state["method"])
+        except (KeyError, TypeError, ValueError, RuntimeError) as exc:  # saved by another version of the method
+            raise ValueError(f"{out / CHECKPOINT}: the method's saved state does not fit ({type(exc).__name__}: {exc}); {RESTART}") from None
         progress = state["progress"]
         log(f"resuming from {out / CHECKPOINT} at iteration {progress['iteration']}")
 
@@ -206,13 +209,6 @@ def _select(progress: dict, method, data: RealData, config: DistillConfig, quiet
     best = progress["best"]
     if best is None or record["val_accuracy"] > best["val_accuracy"]:
         progress["best"] = {**record, "eval_lr": eval_lr, "images": synthetic.images.detach().cpu().clone()}
-
-
-def _check_resumable(state: dict, settings: dict, path: Path) -> None:
-    if state.get("format") != FORMAT:
-        raise ValueError(f"{path} is not a ddfast distillation checkpoint (format {state.get('format')!r})")
-    if state["settings"] != settings:
-        raise ValueError(f"{path} was written with other settings ({describe_differences(state['settings'], settings)}); pass restart=True (--restart) or use another output folder")
 
 
 def _environment(device: torch.device) -> dict:

@@ -8,7 +8,7 @@ from pathlib import Path
 from .. import checkpoint
 from ..settings import override
 from .config import DistillConfig
-from .runner import run
+from .runner import check_start, run
 
 
 def sweep(config: DistillConfig, path: str, values, out_dir: str | os.PathLike, **run_options) -> dict:
@@ -21,11 +21,21 @@ def sweep(config: DistillConfig, path: str, values, out_dir: str | os.PathLike, 
     values = list(values)
     if not values:
         raise ValueError(f"sweep over {path!r} needs at least one value")
+    if len(set(map(str, values))) < len(values):
+        raise ValueError(f"sweep over {path!r} lists a value twice: {values}")
     out = Path(out_dir)
-    candidates = []
-    for value in values:
-        candidate = override(config, path, value)
+    checkpoint.check_writable_folder(out)
+    plan = []
+    for value in values:  # every candidate is checked before the first one runs
+        try:
+            candidate = override(config, path, value)
+        except ValueError as exc:
+            raise ValueError(f"sweep value {path}={value}: {exc}") from None
         folder = out / f"{path}={value}"
+        check_start(candidate, folder, device=run_options.get("device"), restart=run_options.get("restart", False))
+        plan.append((value, candidate, folder))
+    candidates = []
+    for value, candidate, folder in plan:
         result = run(candidate, folder, final=False, **run_options)
         candidates.append({"value": value, "val_accuracy": result["chosen_val_accuracy"], "chosen_iteration": result["chosen_iteration"], "out": str(folder)})
     best = max(candidates, key=lambda c: c["val_accuracy"])

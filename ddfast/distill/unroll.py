@@ -30,6 +30,7 @@ from torch import Tensor, nn
 from torch.func import functional_call
 
 from ..augment import DSA, Draw
+from ..settings import MOMENTUM, NON_NEGATIVE, OPTIONAL_COUNT, POSITIVE, SettingError, check
 from .common import Method
 
 MODES = ("standard", "constant")
@@ -145,12 +146,9 @@ class StudentOptions:
     memory: str = "standard"  # "standard" (every step's graph kept) or "constant" (recomputed, flat in the steps)
 
     def __post_init__(self):
-        if not self.lr_init > 0 or not self.lr_lr >= 0:
-            raise ValueError(f"options.lr_init must be > 0 and options.lr_lr >= 0, got {self.lr_init}, {self.lr_lr}")
-        if self.batch_syn is not None and self.batch_syn < 1:
-            raise ValueError(f"options.batch_syn must be >= 1 or None (all), got {self.batch_syn}")
+        check(self, lr_init=POSITIVE, lr_lr=NON_NEGATIVE, lr_momentum=MOMENTUM, batch_syn=OPTIONAL_COUNT)
         if self.memory not in MODES:
-            raise ValueError(f"options.memory must be one of {MODES}, got {self.memory!r}")
+            raise SettingError("memory", f"one of {MODES}", self.memory)
 
 
 class UnrolledMethod(Method):
@@ -161,6 +159,12 @@ class UnrolledMethod(Method):
     """
 
     Options = StudentOptions
+
+    @classmethod
+    def check_config(cls, config) -> None:
+        if config.model.norm == "batchnorm":
+            raise ValueError(f"method {cls.name!r} trains a student without running statistics and does not support model.norm=batchnorm; "
+                             "use instancenorm or none")
 
     def __init__(self, ctx):
         super().__init__(ctx)

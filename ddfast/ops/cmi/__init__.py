@@ -17,7 +17,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ... import _checks
+from ... import _checks, _transforms
 from ..._backends import AUTO, accumulation_dtype
 from . import operators, reference
 from .operators import REGISTRY
@@ -27,20 +27,27 @@ def cmi_loss(features: torch.Tensor, labels: torch.Tensor, num_classes: int | No
              centroids: torch.Tensor | None = None, reduction: str = "mean", backend: str = AUTO) -> torch.Tensor:
     """The CMI of ``features`` given ``labels``: mean (or sum, or each) of KL(P_i || Q_{y_i}).
 
-    features: (N, K) float32 / float64 / bfloat16 / float16 logits or features (N, K >= 1).
-    labels: (N,) integer class labels in [0, num_classes).
-    num_classes: C; defaults to ``centroids.shape[0]``, else ``labels.max() + 1`` (which reads the
-        labels: pass it under ``torch.compile``).
-    temperature: a python float > 0; ``P_i = softmax(features_i / temperature)``.
+    features: (N, K) float32 / float64 / bfloat16 / float16 logits or features (N, K >= 1), any
+        layout, finite; the only input that gets a gradient.
+    labels: (N,) integer class labels in [0, num_classes), any integer dtype and layout.
+    num_classes: C, a positive int; defaults to ``centroids.shape[0]``, else ``labels.max() + 1``
+        (which reads the labels: pass it under ``torch.compile``).
+    temperature: a python float > 0 whose inverse is a normal number of the accumulation dtype
+        (float32, float64 for float64 features); ``P_i = softmax(features_i / temperature)``.
     centroids: None for the batch's own class means (gradients flow through them, as in the
-        authors' code), or (C, K) probability rows (e.g. real-data centroids) held constant.
+        authors' code), or (C, K) finite probability rows (e.g. real-data centroids) held constant.
     reduction: "mean" (the CMI), "sum", or "none" for the (N,) per-sample KLs.
     Returns a tensor in the features' dtype; computed in float32 (float64 for float64 inputs).
+    Supports ``torch.func.vmap``; the fused backends refuse ``torch.func.grad`` / ``jvp``, forward-mode
+    AD and double backward, which ``backend="reference"`` supports.
     """
+    if backend != "reference":
+        _transforms.refuse_unsupported("ddfast.cmi_loss", features)
     features, labels, centroids, num_classes, temperature = _validated(features, labels, num_classes, temperature, centroids)
     _checks.reduction(reduction)
     if backend == "reference":
         operators.check_values(labels, num_classes, centroids)
+        operators.check_finite("features", features)
         return reference.cmi_reference(features, labels, num_classes, temperature=temperature, centroids=centroids, reduction=reduction)
     return torch.ops.ddfast.cmi_forward(features, labels, centroids, num_classes, temperature, reduction, backend)[0]
 
@@ -50,12 +57,21 @@ def cmi_per_class(features: torch.Tensor, labels: torch.Tensor, num_classes: int
     """(C,) mean KL(P_i || Q_c) over the rows of each class c: the class-aware complexity.
 
     NaN for classes without rows. ``cmi_loss`` (mean) equals ``sum_c n_c / N * cmi_per_class[c]``.
-    Arguments as ``cmi_loss``; differentiable like it.
+    Arguments as ``cmi_loss``; differentiable like it. Under ``torch.func.vmap`` over the labels,
+    pass ``num_classes`` (or ``centroids``): the output's length must not depend on each entry's labels.
     """
+    if backend != "reference":
+        _transforms.refuse_unsupported("ddfast.cmi_per_class", features)
+    inferred = num_classes is None and centroids is None
     features, labels, centroids, num_classes, temperature = _validated(features, labels, num_classes, temperature, centroids)
+    if inferred and operators.batched(labels):
+        raise ValueError("cmi_per_class needs num_classes under torch.func.vmap over the labels: its output has one "
+                         "entry per class, so C must not depend on each entry's labels")
     kl = cmi_loss(features, labels, num_classes, temperature=temperature, centroids=centroids, reduction="none", backend=backend)
-    sums = kl.new_zeros(num_classes, dtype=accumulation_dtype(kl.dtype)).index_add(0, labels, kl.to(accumulation_dtype(kl.dtype)))
-    return (sums / torch.bincount(labels, minlength=num_classes)).to(kl.dtype)
+    acc = kl.to(accumulation_dtype(kl.dtype))
+    sums = acc.new_zeros(num_classes).index_add(0, labels, acc)
+    counts = acc.new_zeros(num_classes).index_add(0, labels, torch.ones_like(acc))  # bincount, also batched under vmap
+    return (sums / counts).to(kl.dtype)
 
 
 class CMILoss(nn.Module):
@@ -77,32 +93,44 @@ class CMILoss(nn.Module):
 
 
 def _validated(features, labels, num_classes, temperature, centroids):
-    """Metadata checks with messages naming the argument; labels come back as int64."""
+    """Metadata checks with messages naming the argument; labels come back as int64, centroids
+    detached, num_classes as an int and temperature as a float."""
     features = _checks.tensor("features", features, ndim=2)
     if features.shape[0] == 0 or features.shape[1] == 0:
         raise ValueError(f"features must have at least one row and one column, got shape {tuple(features.shape)}")
     labels = _checks.labels("labels", labels, features.shape[0], features.device).long()
-    if isinstance(temperature, torch.Tensor):
-        raise TypeError("temperature must be a python float for cmi_loss, got a tensor (a learned temperature "
-                        "would lower the CMI by flattening every softmax)")
-    temperature = _checks.positive_scalar("temperature", temperature)
+    temperature = _temperature(temperature, features.dtype)
     if centroids is not None:
         centroids = _checks.tensor("centroids", centroids, ndim=2).detach()
         _checks.same_device(features=features, centroids=centroids)
         if centroids.shape[1] != features.shape[1]:
             raise ValueError(f"centroids must have shape (num_classes, {features.shape[1]}) to match features {tuple(features.shape)}, "
                              f"got {tuple(centroids.shape)}")
-        if num_classes is not None and num_classes != centroids.shape[0]:
+    if num_classes is not None:
+        num_classes = _checks.positive_int("num_classes", num_classes)
+        if centroids is not None and num_classes != centroids.shape[0]:
             raise ValueError(f"num_classes={num_classes} disagrees with centroids of shape {tuple(centroids.shape)}")
-    return features, labels, centroids, _num_classes(num_classes, labels, centroids), temperature
+    elif centroids is not None:
+        num_classes = centroids.shape[0]
+    else:
+        # under torch.func.vmap, the largest label of every entry: the loss does not depend on C beyond it
+        num_classes = int(operators.values(labels).max()) + 1
+    return features, labels, centroids, num_classes, temperature
 
 
-def _num_classes(num_classes, labels: torch.Tensor, centroids: torch.Tensor | None) -> int:
-    if num_classes is None:
-        return centroids.shape[0] if centroids is not None else int(labels.max()) + 1
-    if isinstance(num_classes, bool) or not isinstance(num_classes, (int, torch.SymInt)) or num_classes < 1:
-        raise ValueError(f"num_classes must be a positive int, got {num_classes!r}")
-    return num_classes
+def _temperature(value, dtype: torch.dtype) -> float:
+    """A python float T > 0 whose inverse, by which the kernels scale, is a normal number of the
+    accumulation dtype: no overflow to inf, no loss of precision below the normal range."""
+    if isinstance(value, torch.Tensor):
+        raise TypeError("temperature must be a python float for cmi_loss, got a tensor (a learned temperature "
+                        "would lower the CMI by flattening every softmax)")
+    temperature = _checks.positive_scalar("temperature", value)
+    acc = accumulation_dtype(dtype)
+    limits = torch.finfo(acc)
+    if not limits.tiny <= 1.0 / temperature <= limits.max:
+        raise ValueError(f"temperature must lie in [{1 / limits.max:.3g}, {1 / limits.tiny:.3g}] for {dtype} features "
+                         f"(1 / temperature must be a normal {acc}), got {temperature:g}")
+    return temperature
 
 
 __all__ = ["CMILoss", "REGISTRY", "cmi_loss", "cmi_per_class"]

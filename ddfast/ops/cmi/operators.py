@@ -3,7 +3,7 @@
 Both are opaque to ``torch.compile`` (fake implementations give their shapes). They resolve the
 backend (``auto``: ``cpu`` on CPU tensors; on a GPU, ``triton`` raced against ``cuda`` once per
 device, dtype and size bucket), check the values of their inputs (labels in range, centroids a
-probability simplex), then run that backend's functions (``streaming.py`` or a
+finite probability simplex, features finite), pass them in the one layout the kernels read, then run that backend's functions (``streaming.py`` or a
 ``kernels.KernelBackend``), accumulating in float32 (float64 for float64 inputs). The backward is
 first-order only.
 """
@@ -15,6 +15,7 @@ from typing import Optional
 
 import torch
 
+from ... import _transforms
 from ..._backends import Backend, Registry, accumulation_dtype, triton_missing, triton_runs_on
 from . import cpu, cuda
 from .segments import Segments
@@ -39,22 +40,62 @@ def implementation(backend: str, features: torch.Tensor, trial=None):
     return getattr(module, "BACKEND", module)
 
 
+def values(t: torch.Tensor) -> torch.Tensor:
+    """The plain tensor under any ``torch.func`` wrappers, for checks that read values: under
+    ``vmap`` it holds every batch entry, so one check covers them all."""
+    while torch._C._functorch.is_functorch_wrapped_tensor(t):
+        t = torch._C._functorch.get_unwrapped(t)
+    return t
+
+
+def batched(t: torch.Tensor) -> bool:
+    """Whether ``t`` is batched by ``torch.func.vmap``."""
+    return torch._C._functorch.is_batchedtensor(t)
+
+
+def _non_finite(name: str) -> ValueError:
+    return ValueError(f"{name} contains non-finite values (nan or inf)")
+
+
+def check_finite(name: str, t: torch.Tensor) -> None:
+    """Every entry of ``t`` is finite (an isfinite reduction: for inputs the kernels do not scan)."""
+    if not bool(torch.isfinite(values(t)).all()):
+        raise _non_finite(name)
+
+
+def check_normalisers(norm: torch.Tensor) -> None:
+    """The rows' softmax normalisers are finite: every backend's log-sum is nan for a row holding a
+    nan or an inf, so this checks the features at the cost of reading (N,) values."""
+    if not bool(torch.isfinite(norm[:, 1]).all()):
+        raise _non_finite("features")
+
+
 def check_values(labels: torch.Tensor, num_classes: int, centroids: torch.Tensor | None) -> None:
     """Labels lie in [0, num_classes); ``centroids`` rows are finite, >= 0 and sum to 1."""
-    low, high = torch.aminmax(labels)
+    low, high = torch.aminmax(values(labels))
     low, high = int(low), int(high)
     if low < 0 or high >= num_classes:
         raise ValueError(f"labels must lie in [0, num_classes) = [0, {num_classes}), got values from {low} to {high}")
     if centroids is None:
         return
     entries = centroids.detach().to(torch.float64)
-    if not bool(torch.isfinite(entries).all()) or bool((entries < 0).any()):
-        raise ValueError("centroids must be a probability simplex per row: entries finite and >= 0")
-    error = (entries.sum(dim=1) - 1).abs()
-    worst = int(error.argmax())
+    if not bool(torch.isfinite(values(entries)).all()):
+        raise _non_finite("centroids")
+    if bool((values(entries) < 0).any()):
+        raise ValueError("centroids must be a probability simplex per row: entries >= 0")
+    sums = values(entries.sum(dim=1)).flatten()  # (C,), or every vmap entry's rows
+    worst = int((sums - 1).abs().argmax())
     tolerance = max(1e-3, 4 * torch.finfo(centroids.dtype).eps)
-    if float(error[worst]) > tolerance:
-        raise ValueError(f"centroids must be a probability simplex per row: row {worst} sums to {float(entries[worst].sum()):.6g}, not 1")
+    if abs(float(sums[worst]) - 1) > tolerance:
+        row = f"row {worst}" if sums.numel() == centroids.shape[0] else "a row"
+        raise ValueError(f"centroids must be a probability simplex per row: {row} sums to {float(sums[worst]):.6g}, not 1")
+
+
+def kernel_layout(features: torch.Tensor, labels: torch.Tensor, centroids: torch.Tensor | None = None):
+    """The inputs in the one layout every backend's kernels read: features and centroids contiguous,
+    labels contiguous int64. The operators pass nothing else to a backend."""
+    return (features.contiguous(), labels.to(torch.long).contiguous(),
+            None if centroids is None else centroids.contiguous())
 
 
 @torch.library.custom_op("ddfast::cmi_forward", mutates_args=())
@@ -67,7 +108,7 @@ def cmi_forward(features: torch.Tensor, labels: torch.Tensor, centroids: Optiona
     feature and log sum exp((f - max) / T)), log Q (C, K).
     """
     check_values(labels, num_classes, centroids)
-    features = features.contiguous()
+    features, labels, centroids = kernel_layout(features, labels, centroids)
 
     def trial(name: str) -> None:
         """One forward and backward with backend ``name``: what ``auto`` races."""
@@ -83,7 +124,8 @@ def _forward(impl, features, labels, centroids, num_classes, temperature, reduct
         norm, log_q = impl.class_log_centroids(features, Segments(labels, num_classes), temperature)
     else:
         norm = impl.row_norm(features, temperature)
-        log_q = centroids.to(norm.dtype).log().contiguous()
+        log_q = centroids.to(norm.dtype).log()
+    check_normalisers(norm)
     kl = impl.row_kl(features, labels, norm, log_q, temperature)
     if reduction == "none":
         loss = kl.to(features.dtype, copy=True)
@@ -116,7 +158,7 @@ def cmi_backward(grad: torch.Tensor, features: torch.Tensor, labels: torch.Tenso
     With batch centroids the centroids' own term cancels when every sample has the same upstream
     gradient (reduction mean / sum); for reduction "none" it is computed (one more pass).
     """
-    features = features.contiguous()
+    features, labels, _ = kernel_layout(features, labels)
     return _backward_features(implementation(backend, features), grad, features, labels, kl, norm, log_q, batch_centroids,
                               temperature, reduction)
 
@@ -150,3 +192,4 @@ def _backward(ctx, grad, *unused):
 
 
 cmi_forward.register_autograd(_backward, setup_context=_setup_context)
+_transforms.refuse_double_backward("ddfast.cmi_loss", cmi_backward)

@@ -3,6 +3,8 @@
 ``P_i = softmax(features_i / T)``, ``Q_c`` = the mean of ``P_i`` over the rows labelled ``c`` (or
 given ``centroids``, held constant), ``KL_i = KL(P_i || Q_{y_i})``, reduced by mean / sum / none.
 These are the naive forms: in float32 a centroid entry can underflow to 0, and the loss to inf/nan.
+Each row's max is subtracted before the division by T (the same softmax), so that finite features
+never overflow there (``features / T`` would for large features or small T).
 """
 
 from __future__ import annotations
@@ -19,12 +21,12 @@ def cmi_reference(features: torch.Tensor, labels: torch.Tensor, num_classes: int
     features (N, K) float, labels (N,) int64 in [0, num_classes), centroids (C, K) or None.
     Returns a scalar (mean / sum) or (N,) (none). Differentiated by autograd, centroids included.
     """
-    log_p = F.log_softmax(features / temperature, dim=1)
+    log_p = F.log_softmax((features - features.detach().amax(dim=1, keepdim=True)) / temperature, dim=1)
     p = log_p.exp()
     if centroids is None:
         num_classes = int(labels.max()) + 1 if num_classes is None else num_classes
         sums = p.new_zeros(num_classes, p.shape[1]).index_add(0, labels, p)
-        counts = torch.bincount(labels, minlength=num_classes).clamp_min(1).to(p.dtype)
+        counts = p.new_zeros(num_classes).index_add(0, labels, p.new_ones(p.shape[0])).clamp_min(1)
         q = sums / counts[:, None]
     else:
         q = centroids.detach().to(p.dtype)

@@ -32,9 +32,12 @@ def _rows(features: torch.Tensor, rows: slice) -> torch.Tensor:
 
 
 def _normaliser(f: torch.Tensor, temperature: float) -> torch.Tensor:
-    """(rows, 2): each row's max and log sum exp((f - max) / T)."""
-    top = f.amax(dim=1, keepdim=True)
-    return torch.cat([top, ((f - top) / temperature).exp().sum(dim=1, keepdim=True).log()], dim=1)
+    """(rows, 2): each row's max and log sum exp((f - max) / T); the log-sum is nan for a row holding
+    a nan or an inf."""
+    bottom, top = torch.aminmax(f, dim=1, keepdim=True)
+    log_sum = ((f - top) / temperature).exp().sum(dim=1, keepdim=True).log()
+    finite = torch.isfinite(bottom) & torch.isfinite(top)
+    return torch.cat([top, torch.where(finite, log_sum, float("nan"))], dim=1)
 
 
 def _log_p(features: torch.Tensor, norm: torch.Tensor, rows: slice, temperature: float) -> torch.Tensor:
@@ -85,11 +88,13 @@ def row_kl(features: torch.Tensor, labels: torch.Tensor, norm: torch.Tensor, log
 
 def centroid_grad(features: torch.Tensor, segments: Segments, norm: torch.Tensor, log_q: torch.Tensor,
                   g: torch.Tensor, temperature: float) -> torch.Tensor:
-    """(C, K) A_ck = (1/n_c) sum_{i in c} g_i P_ik / Q_ck: the gradient through the batch centroids."""
+    """(C, K) A_ck = (1/n_c) sum_{i in c} g_i P_ik / Q_ck: the gradient through the batch centroids
+    (a term is 0 where log P_ik is -inf: its products with P in ``row_grad`` vanish)."""
     a = torch.zeros_like(log_q)
     for rows in _blocks(features):
         y = segments.labels[rows]
-        a.index_add_(0, y, g[rows, None] * torch.exp(_log_p(features, norm, rows, temperature) - log_q[y]))
+        x = _log_p(features, norm, rows, temperature)
+        a.index_add_(0, y, g[rows, None] * torch.where(x > float("-inf"), torch.exp(x - log_q[y]), 0))
     return a / segments.counts.clamp_min(1)[:, None]
 
 

@@ -44,17 +44,20 @@ def _log_p_tile(f_ptr, rows, row_mask, cols, k, inv_t, top, log_sum):
 @triton.jit
 def _rows_norm(f_ptr, rows, row_mask, k, inv_t, ROWS: tl.constexpr, BLOCK_K: tl.constexpr):
     """Each row's max feature and log sum exp((f - max) * inv_t), by an online max and sum
-    (-inf for masked rows)."""
+    (-inf for masked rows); the log-sum is nan for a row holding a nan or an inf."""
     zero = tl.zeros([ROWS], dtype=inv_t.dtype)
     m = zero + float("-inf")
     s = zero
+    non_finite = tl.zeros([ROWS], dtype=tl.int32)
     for k0 in range(0, k, BLOCK_K):
-        f, _ = _features_tile(f_ptr, rows, row_mask, k0 + tl.arange(0, BLOCK_K), k, inv_t.dtype)
+        f, mask = _features_tile(f_ptr, rows, row_mask, k0 + tl.arange(0, BLOCK_K), k, inv_t.dtype)
+        bad = mask & ((f != f) | (tl.abs(f) == float("inf")))
+        non_finite = tl.maximum(non_finite, tl.max(bad.to(tl.int32), 1))
         m_new = tl.maximum(m, tl.max(f, 1))
         shift = tl.where(m_new == float("-inf"), 0.0, m_new)
         s = s * tl.exp((m - shift) * inv_t) + tl.sum(tl.exp((f - shift[:, None]) * inv_t), 1)
         m = m_new
-    return m, tl.log(s)
+    return m, tl.where(non_finite > 0, float("nan"), tl.log(s))
 
 
 @triton.jit
@@ -157,7 +160,8 @@ def _chunk_centroid_grad_kernel(f_ptr, order_ptr, start_ptr, end_ptr, cls_ptr, n
     g = tl.load(g_ptr + rows, mask=row_mask, other=0.0)
     log_q = tl.load(log_q_ptr + tl.load(cls_ptr + chunk) * k + cols, mask=cols < k, other=0.0)
     x, _ = _log_p_tile(f_ptr, rows, row_mask, cols, k, tl.load(inv_t_ptr), top, log_sum)
-    total = tl.sum(g[:, None] * tl.exp(x - log_q[None, :]), 0)
+    ratio = tl.where(x > float("-inf"), tl.exp(x - log_q[None, :]), 0.0)  # 0 where log P is -inf (cmi_ops.h)
+    total = tl.sum(g[:, None] * ratio, 0)
     tl.store(part_ptr + chunk * k + cols, total, mask=cols < k)
 
 
@@ -189,6 +193,14 @@ def _row_grad_kernel(f_ptr, labels_ptr, norm_ptr, log_q_ptr, kl_ptr, g_ptr, a_pt
         tl.store(out_ptr + rows[:, None] * k + cols[None, :], grad.to(out_ptr.dtype.element_ty), mask=mask)
 
 
+def _contiguous(*tensors: torch.Tensor | None) -> None:
+    """The kernels index every tensor as a contiguous array: any other layout is refused (the
+    operators pass only contiguous tensors, see ``operators.kernel_layout``)."""
+    for t in tensors:
+        if t is not None and not t.is_contiguous():
+            raise RuntimeError(f"the CMI Triton kernels read contiguous tensors, got shape {tuple(t.shape)} with strides {t.stride()}")
+
+
 def _block_k(k: int) -> int:
     return min(BLOCK_K, triton.next_power_of_2(k))
 
@@ -202,6 +214,7 @@ def _acc_empty(features: torch.Tensor, *shape: int) -> torch.Tensor:
 
 
 def row_norm(features: torch.Tensor, inv_t: float) -> torch.Tensor:
+    _contiguous(features)
     n, k = features.shape
     norm = _acc_empty(features, n, 2)
     _row_norm_kernel[(triton.cdiv(n, ROWS),)](features, norm, _scale(features, inv_t), n, k, ROWS=ROWS, BLOCK_K=_block_k(k), **LAUNCH)
@@ -209,6 +222,7 @@ def row_norm(features: torch.Tensor, inv_t: float) -> torch.Tensor:
 
 
 def chunk_norm(features: torch.Tensor, order: torch.Tensor, start: torch.Tensor, end: torch.Tensor, inv_t: float):
+    _contiguous(features, order, start, end)
     n, k = features.shape
     norm, partial = _acc_empty(features, n, 2), _acc_empty(features, start.shape[0], k)
     _chunk_norm_kernel[(start.shape[0],)](features, order, start, end, norm, partial, _scale(features, inv_t), k,
@@ -217,6 +231,7 @@ def chunk_norm(features: torch.Tensor, order: torch.Tensor, start: torch.Tensor,
 
 
 def _combine(partial: torch.Tensor, first: torch.Tensor, counts: torch.Tensor, log: bool) -> torch.Tensor:
+    _contiguous(partial, first, counts)
     k = partial.shape[1]
     out = torch.empty((counts.shape[0], k), dtype=partial.dtype, device=partial.device)
     block_k = _block_k(k)
@@ -234,6 +249,7 @@ def combine_mean(partial: torch.Tensor, first: torch.Tensor, counts: torch.Tenso
 
 
 def row_kl(features: torch.Tensor, labels: torch.Tensor, norm: torch.Tensor, log_q: torch.Tensor, inv_t: float) -> torch.Tensor:
+    _contiguous(features, labels, norm, log_q)
     n, k = features.shape
     kl = _acc_empty(features, n)
     _row_kl_kernel[(triton.cdiv(n, ROWS),)](features, labels, norm, log_q, kl, _scale(features, inv_t), n, k,
@@ -242,6 +258,7 @@ def row_kl(features: torch.Tensor, labels: torch.Tensor, norm: torch.Tensor, log
 
 
 def chunk_centroid_grad(features, order, start, end, cls, norm, log_q, g, inv_t: float) -> torch.Tensor:
+    _contiguous(features, order, start, end, cls, norm, log_q, g)
     k = features.shape[1]
     partial = _acc_empty(features, start.shape[0], k)
     block_k = _block_k(k)
@@ -251,6 +268,7 @@ def chunk_centroid_grad(features, order, start, end, cls, norm, log_q, g, inv_t:
 
 
 def row_grad(features, labels, norm, log_q, kl, g, a, inv_t: float) -> torch.Tensor:
+    _contiguous(features, labels, norm, log_q, kl, g, a)
     n, k = features.shape
     out = torch.empty_like(features)
     _row_grad_kernel[(triton.cdiv(n, ROWS),)](features, labels, norm, log_q, kl, g, kl if a is None else a, out,
