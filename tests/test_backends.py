@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from ddfast._backends import AUTO, TRIAL_REPEATS, Backend, Registry
+from ddfast._backends import AUTO, TRIAL_REPEATS, Backend, Registry, on_cpu
 
 
 class FakeClock:
@@ -17,11 +17,10 @@ class FakeClock:
 
 
 def registry(clock, **race):
-    reg = Registry("op", preference={"cpu": ("slow", "fast")}, race=race, clock=clock)
-    reg.add(Backend("torch", lambda device: True))
-    reg.add(Backend("slow", lambda device: device == "cpu"))
-    reg.add(Backend("fast", lambda device: device == "cpu"))
-    reg.add(Backend("broken", lambda device: device == "cpu", missing=lambda: "no compiler"))
+    reg = Registry("op", preference={"cpu": ("slow", "fast")}, streaming=lambda: "streaming module", race=race, clock=clock)
+    reg.add(Backend("slow", on_cpu, load=lambda: "slow module"))
+    reg.add(Backend("fast", on_cpu, load=lambda: "fast module", refuses=lambda x: "too wide" if x.shape[-1] > 4 else None))
+    reg.add(Backend("broken", on_cpu, missing=lambda: "no compiler"))
     return reg
 
 
@@ -83,3 +82,23 @@ def test_explicit_backends_are_checked():
         reg.resolve("broken", torch.device("cpu"), torch.float32)
     with pytest.raises(RuntimeError, match="does not run on meta"):
         reg.resolve("fast", torch.device("meta"), torch.float32)
+
+
+def test_every_registry_has_reference_and_torch():
+    reg = registry(FakeClock())
+    assert reg.names()[:2] == ["reference", "torch"]
+    assert reg.kernels("torch", torch.zeros(2, 3)) == "streaming module"
+    with pytest.raises(ValueError, match="backend='reference' is plain torch"):
+        reg.kernels("reference", torch.zeros(2, 3))
+
+
+def test_kernels_load_the_resolved_backend_and_honour_its_limits():
+    reg = registry(FakeClock(), cpu=())
+    assert reg.kernels(AUTO, torch.zeros(2, 3)) == "slow module"
+    assert reg.kernels("fast", torch.zeros(2, 3)) == "fast module"
+    with pytest.raises(RuntimeError, match="cannot run here: too wide"):
+        reg.kernels("fast", torch.zeros(2, 5))
+    reg.preference["cpu"] = ("fast", "slow")
+    assert reg.kernels(AUTO, torch.zeros(2, 5)) == "slow module"  # auto moves past a refusal
+    with pytest.raises(ValueError, match="backend must be 'auto' or one of"):
+        reg.check_name("nope")
