@@ -22,8 +22,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _parser() -> argparse.ArgumentParser:
-    from .distill import METHODS, PRESETS
-    from .data import DATASETS
+    from . import METHODS, PRESETS
+    from .training.data import DATASETS
 
     parser = argparse.ArgumentParser(prog="ddfast", description="Dataset distillation with fused kernels.")
     commands = parser.add_subparsers(required=True, metavar="COMMAND")
@@ -86,7 +86,7 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _config(args):
-    from .distill import preset
+    from . import preset
     from .settings import override_all
 
     cmi, mim = args.cmi or "cmi" in args.reg, "mim" in args.reg
@@ -113,7 +113,7 @@ def _print_config(config) -> int:
 
 
 def _distill(args) -> int:
-    from .distill import run, sweep
+    from . import run, sweep
 
     if args.stop_after is not None and args.stop_after < 1:
         raise ValueError(f"--stop-after must be >= 1, got {args.stop_after}")
@@ -142,8 +142,8 @@ def _distill(args) -> int:
 
 
 def _pretrain(args) -> int:
-    from .distill import load_data, pretrain, resolve_device
-    from .distill.preflight import check_settings
+    from . import load_data, pretrain, resolve_device
+    from .preflight import check_settings
 
     config = _config(args)
     if args.print_config:
@@ -156,11 +156,11 @@ def _pretrain(args) -> int:
 
 
 def _buffer(args) -> int:
-    from .buffers import parse_shard
-    from .distill import load_data, resolve_device
-    from .distill.mtt import MTT, expert_buffer
-    from .distill.preflight import check_settings
-    from .distill.runner import data_key
+    from .training.buffers import parse_shard
+    from . import load_data, resolve_device
+    from .mtt import MTT, expert_buffer
+    from .preflight import check_settings
+    from .runner import data_key
 
     shard = parse_shard(args.shard)
     if args.method != "mtt":
@@ -178,9 +178,9 @@ def _buffer(args) -> int:
 
 def _evaluate(args) -> int:
     from . import checkpoint
-    from .distill import DistillConfig, load_data, resolve_device
-    from .distill.outputs import check_evaluation_out, load_synthetic
-    from .evaluate import evaluate_with_baseline
+    from . import DistillConfig, load_data, resolve_device
+    from .outputs import check_evaluation_out, load_synthetic
+    from .training.evaluate import evaluate_with_baseline
     from .settings import from_dict, override_all, to_dict
 
     device = resolve_device(args.device)
