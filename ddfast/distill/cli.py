@@ -141,26 +141,31 @@ def _distill(args) -> int:
     return 0
 
 
-def _pretrain(args) -> int:
-    from . import load_data, pretrain, resolve_device
+def _checked_data(config, args):
+    """The run's data on its device, loaded once the device and the settings have passed their checks."""
+    from . import load_data, resolve_device
     from .preflight import check_settings
+
+    device = resolve_device(args.device)
+    check_settings(config)
+    return load_data(config, args.data_root, args.download).to(device)
+
+
+def _pretrain(args) -> int:
+    from . import pretrain
 
     config = _config(args)
     if args.print_config:
         return _print_config(config)
-    device = resolve_device(args.device)
-    check_settings(config)
-    data = load_data(config, args.data_root, args.download).to(device)
+    data = _checked_data(config, args)
     pretrain(config, data, cache_dir=args.cache_dir, quiet=args.quiet)
     return 0
 
 
 def _buffer(args) -> int:
-    from .training.buffers import parse_shard
-    from . import load_data, resolve_device
     from .mtt import MTT, expert_buffer
-    from .preflight import check_settings
     from .runner import data_key
+    from .training.buffers import parse_shard
 
     shard = parse_shard(args.shard)
     if args.method != "mtt":
@@ -168,20 +173,17 @@ def _buffer(args) -> int:
     config = _config(args)
     if args.print_config:
         return _print_config(config)
-    device = resolve_device(args.device)
-    check_settings(config)
-    data = load_data(config, args.data_root, args.download).to(device)
+    data = _checked_data(config, args)
     folder, _ = expert_buffer(MTT.read_options(config.options), config, data, data_key(config), cache_dir=args.cache_dir, shard=shard, quiet=args.quiet)
     print(f"experts of shard {shard[0]}/{shard[1]} are in {folder}")
     return 0
 
 
 def _evaluate(args) -> int:
-    from . import checkpoint
-    from . import DistillConfig, load_data, resolve_device
+    from . import DistillConfig, checkpoint, load_data, resolve_device
     from .outputs import check_evaluation_out, load_synthetic
-    from .training.evaluate import evaluate_with_baseline
     from .settings import from_dict, override_all, to_dict
+    from .training.evaluate import evaluate_with_baseline
 
     device = resolve_device(args.device)
     saved = load_synthetic(args.synthetic)
