@@ -26,9 +26,9 @@ import torch
 
 from benchmarks import device as machine, harness
 from ddfast import trajectory_mse
-from ddfast.augment import DSA
+from ddfast.distill.training.augment import DSA
+from ddfast.distill.training.models import ConvNet
 from ddfast.distill.unroll import MODES, Student
-from ddfast.models import ConvNet
 
 RESULTS = Path(__file__).resolve().parent / "results"
 

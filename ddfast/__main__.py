@@ -1,7 +1,5 @@
-"""``python -m ddfast ...``: the command line (see ``ddfast.cli``)."""
+"""``python -m ddfast ...``: the command line (see ``ddfast.distill.cli``)."""
 
-import sys
+from .distill.cli import main
 
-from .cli import main
-
-sys.exit(main())
+raise SystemExit(main())

@@ -7,11 +7,11 @@ import dataclasses
 import pytest
 import torch
 
-from ddfast.data import data_root
 from ddfast.distill import DistillConfig, preset
-from ddfast.evaluate import EvalProtocol
-from ddfast.models import ModelSpec
-from ddfast.pretrain import PretrainSpec
+from ddfast.distill.training.data import data_root
+from ddfast.distill.training.evaluate import EvalProtocol
+from ddfast.distill.training.models import ModelSpec
+from ddfast.distill.training.pretrain import PretrainSpec
 
 TINY_MODEL = ModelSpec(width=16)
 

@@ -11,7 +11,7 @@ ROOT = Path(__file__).resolve().parents[1]
 # mmap threshold, 32 MiB) is reused without faulting its 12288 pages in again.
 PROBE = """
 import resource, sys, torch
-from ddfast.allocator import keep_freed_memory
+from ddfast.distill.allocator import keep_freed_memory
 tuned = sys.argv[1] == "tuned"
 if tuned:
     assert keep_freed_memory()

@@ -3,7 +3,7 @@ import math
 import pytest
 import torch
 
-from ddfast.augment import DSA, OPERATIONS, DSAConfig
+from ddfast.distill.training.augment import DSA, OPERATIONS, DSAConfig
 from loops_support import one_thread  # noqa: F401  (autouse)
 
 

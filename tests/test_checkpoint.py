@@ -4,7 +4,7 @@ import pathlib
 import pytest
 import torch
 
-from ddfast import checkpoint
+from ddfast.distill import checkpoint
 
 
 def test_save_load_round_trip_and_missing(tmp_path):

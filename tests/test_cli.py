@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from ddfast.cli import main
+from ddfast.distill.cli import main
 from loops_support import mnist_root, one_thread  # noqa: F401  (one_thread: autouse)
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -128,7 +128,7 @@ def tiny_settings(capsys) -> dict:
 
 
 def saved_checkpoint(settings: dict, path: Path, **changes) -> bytes:
-    from ddfast import checkpoint
+    from ddfast.distill import checkpoint
     from ddfast.distill.preflight import FORMAT
 
     state = {"format": FORMAT, "settings": settings, "images": torch.zeros(20, 1, 28, 28), "method": {"optimizers": [], "regularizers": []},
@@ -217,7 +217,7 @@ def test_a_refused_start_keeps_an_existing_run(tmp_path, monkeypatch, capsys):
 
 
 def synthetic_set(path: Path, settings: dict) -> None:
-    from ddfast.data import dataset_info
+    from ddfast.distill.training.data import dataset_info
     from ddfast.distill.outputs import save_synthetic
 
     save_synthetic(path, torch.zeros(20, 1, 28, 28), torch.arange(10).repeat_interleave(2), dataset_info("mnist"), settings, iteration=3, eval_lr=None)

@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 import torch
 
-from ddfast import data
+from ddfast.distill.training import data
 from loops_support import mnist_root, one_thread  # noqa: F401  (one_thread: autouse)
 
 

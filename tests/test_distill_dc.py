@@ -4,7 +4,7 @@ import torch.nn.functional as F
 
 from ddfast.distill import preset
 from ddfast.distill.dc import GradientMatchingOptions, gradient_distance, matching_loss
-from ddfast.models import ConvNet
+from ddfast.distill.training.models import ConvNet
 from loops_support import one_thread  # noqa: F401  (autouse)
 
 

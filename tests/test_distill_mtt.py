@@ -7,12 +7,11 @@ import json
 import pytest
 import torch
 
-from ddfast import checkpoint
-from ddfast.buffers import ExpertSpec
-from ddfast.distill import MIMConfig, preset, run
+from ddfast.distill import MIMConfig, checkpoint, preset, run
 from ddfast.distill.bptt import BPTTOptions
 from ddfast.distill.mtt import UPSTREAM, MTTOptions
 from ddfast.distill.outputs import load_synthetic
+from ddfast.distill.training.buffers import ExpertSpec
 from loops_support import mnist_root, one_thread, tiny_config, tiny_pretrain  # noqa: F401  (one_thread: autouse)
 
 # One expert and one start epoch, every synthetic image in each step, no augmentation: the MTT loss is
@@ -66,9 +65,9 @@ def test_mtt_lowers_its_loss_and_both_memory_modes_agree(finished, name):
 def test_bptt_lowers_its_outer_loss(finished):
     config, out, _, _ = finished["bptt"]
     from ddfast.distill import load_data
-    from ddfast.distill.common import SyntheticSet
+    from ddfast.distill.method import SyntheticSet
     from ddfast.distill.unroll import Student
-    from ddfast.seeding import derive_seed, seeded
+    from ddfast.distill.training.seeding import derive_seed, seeded
 
     data = load_data(config)
 

@@ -8,12 +8,11 @@ import pytest
 import torch
 from PIL import Image
 
-from ddfast import checkpoint
-from ddfast.distill import METHODS, Method, load_data, run
+from ddfast.distill import METHODS, Method, checkpoint, load_data, run
 from ddfast.distill.dc import matching_loss
 from ddfast.distill.dm import mean_embedding_distance
 from ddfast.distill.outputs import load_synthetic
-from ddfast.seeding import seeded
+from ddfast.distill.training.seeding import seeded
 from loops_support import mnist_root, one_thread, tiny_config  # noqa: F401  (one_thread: autouse)
 
 LOOPS = ["dm", "dc", "dsa"]
@@ -81,8 +80,8 @@ def test_loop_lowers_its_loss(finished, method):
 
 
 def run_initial_images(config):
-    from ddfast.distill.common import SyntheticSet
-    from ddfast.seeding import derive_seed
+    from ddfast.distill.method import SyntheticSet
+    from ddfast.distill.training.seeding import derive_seed
 
     generator = torch.Generator().manual_seed(derive_seed(config.seed, "init"))
     return SyntheticSet.initial(load_data(config), config.ipc, config.init, generator).images.detach()

@@ -3,9 +3,9 @@
 import pytest
 import torch
 
-from ddfast.augment import DSA
+from ddfast.distill.training.augment import DSA
+from ddfast.distill.training.models import ConvNet
 from ddfast.distill.unroll import Student, StudentOptions
-from ddfast.models import ConvNet
 from loops_support import one_thread  # noqa: F401  (autouse)
 
 

@@ -2,7 +2,7 @@ import pytest
 import torch
 from torch import nn
 
-from ddfast.models import ConvNet, ModelSpec, ResNet18
+from ddfast.distill.training.models import ConvNet, ModelSpec, ResNet18
 from loops_support import one_thread  # noqa: F401  (autouse)
 
 

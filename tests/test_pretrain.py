@@ -3,7 +3,7 @@ import dataclasses
 import pytest
 import torch
 
-import ddfast.pretrain as pretrain
+import ddfast.distill.training.pretrain as pretrain
 from ddfast.distill import load_data
 from loops_support import mnist_root, one_thread, tiny_config, tiny_pretrain  # noqa: F401  (one_thread: autouse)
 

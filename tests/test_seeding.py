@@ -1,6 +1,6 @@
 import torch
 
-from ddfast.seeding import derive_seed, seeded
+from ddfast.distill.training.seeding import derive_seed, seeded
 
 
 def test_seeds_are_stable_and_scopes_restore_the_rng():

@@ -3,7 +3,7 @@ import pytest
 from ddfast.distill import CMIConfig, DistillConfig, preset
 from ddfast.distill.dc import GradientMatchingOptions
 from ddfast.distill.mtt import MTT
-from ddfast.settings import SettingError, from_dict, override, override_all, to_dict
+from ddfast.distill.settings import SettingError, from_dict, override, override_all, to_dict
 
 
 def test_round_trip_through_plain_dicts():

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from ddfast.zca import ZCA
+from ddfast.distill.training.zca import ZCA
 
 
 def test_whitens_and_inverts():

@@ -11,8 +11,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from ..settings import COUNT, check
-from .common import register
+from .method import register
+from .settings import COUNT, check
 from .unroll import StudentOptions, UnrolledMethod
 
 

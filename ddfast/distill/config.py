@@ -5,11 +5,11 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..evaluate import EvalProtocol
-from ..models import ModelSpec
-from ..settings import COUNT, MOMENTUM, NON_NEGATIVE_INT, OPTIONAL_COUNT, POSITIVE, Range, SettingError, check
-from .cmi import CMIConfig
-from .mim import MIMConfig
+from .cmi_regularizer import CMIConfig
+from .mim_regularizer import MIMConfig
+from .settings import COUNT, MOMENTUM, NON_NEGATIVE_INT, OPTIONAL_COUNT, POSITIVE, Range, SettingError, check
+from .training.evaluate import EvalProtocol
+from .training.models import ModelSpec
 
 INITS = ("real", "noise")
 

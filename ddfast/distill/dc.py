@@ -15,9 +15,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..evaluate import train_network
-from ..settings import COUNT, NON_NEGATIVE_INT, POSITIVE, check
-from .common import Method, register
+from .method import Method, register
+from .settings import COUNT, NON_NEGATIVE_INT, POSITIVE, check
+from .training.loop import train_network
 
 # (outer_loop, inner_loop) of the reference code per IPC
 UPSTREAM_LOOPS = {1: (1, 1), 10: (10, 50), 50: (50, 10)}

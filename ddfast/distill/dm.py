@@ -11,7 +11,7 @@ from typing import Any
 
 import torch
 
-from .common import Method, register
+from .method import Method, register
 
 
 def mean_embedding_distance(real_features: torch.Tensor, syn_features: torch.Tensor) -> torch.Tensor:

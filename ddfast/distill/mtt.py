@@ -16,11 +16,13 @@ from typing import Any
 
 import torch
 
-from ..buffers import ExpertBuffer, ExpertSpec, buffer_meta, default_folder, train_experts
-from ..data import RealData
-from ..settings import COUNT, check
-from .common import register
+from ddfast.ops.trajectory_mse import trajectory_mse
+
 from .config import DistillConfig
+from .method import register
+from .settings import COUNT, check
+from .training.buffers import ExpertBuffer, ExpertSpec, buffer_meta, default_folder, train_experts
+from .training.data import RealData
 from .unroll import StudentOptions, UnrolledMethod
 
 
@@ -96,8 +98,6 @@ class MTT(UnrolledMethod):
         epoch = int(torch.randint(options.max_start_epoch, (1,)))
         start = self.buffer.snapshot(expert, epoch, device)
         target = self.buffer.snapshot(expert, epoch + options.expert_epochs, device)
-        from .. import trajectory_mse
-
         match = trajectory_mse(self.unroll(start, options.syn_steps), start, target)
         reg, logs = self.regularize(iteration)
         loss = match + reg

@@ -9,9 +9,9 @@ from pathlib import Path
 
 import torch
 
-from .. import checkpoint
-from ..data import DatasetInfo, dataset_info, denormalize
+from . import checkpoint
 from .preflight import FORMAT as CHECKPOINT_FORMAT
+from .training.data import DatasetInfo, dataset_info, denormalize
 
 
 def save_synthetic(path: str | os.PathLike, images: torch.Tensor, labels: torch.Tensor, info: DatasetInfo, settings: dict, **extra) -> None:
@@ -40,7 +40,7 @@ def load_synthetic(path: str | os.PathLike) -> dict:
 
 
 def _check_synthetic(state: dict, path: Path) -> None:
-    from ..settings import from_dict
+    from .settings import from_dict
     from .config import DistillConfig
 
     try:

@@ -12,11 +12,11 @@ from pathlib import Path
 
 import torch
 
-from .. import checkpoint
-from ..data import dataset_info
-from ..settings import describe_differences
-from .common import method_class
+from . import checkpoint
 from .config import DistillConfig
+from .method import method_class
+from .settings import describe_differences
+from .training.data import dataset_info
 
 CHECKPOINT = "checkpoint.pt"
 FORMAT = "ddfast-distill-checkpoint/1"

@@ -7,15 +7,15 @@ CIFAR-100), checkpoint choice on it every tenth of the run, and the pool of 5 pr
 
 from __future__ import annotations
 
-from ..data import dataset_info
-from ..evaluate import EvalProtocol
-from ..models import ModelSpec
-from ..pretrain import PretrainSpec
-from ..settings import prefixed
-from .cmi import CMIConfig
-from .common import method_class
+from .cmi_regularizer import CMIConfig
 from .config import DistillConfig
-from .mim import MIMConfig
+from .method import method_class
+from .mim_regularizer import MIMConfig
+from .settings import prefixed
+from .training.data import dataset_info
+from .training.evaluate import EvalProtocol
+from .training.models import ModelSpec
+from .training.pretrain import PretrainSpec
 
 PRESETS = ("upstream", "quick")
 

@@ -16,19 +16,20 @@ import time
 from pathlib import Path
 
 import torch
-from .. import checkpoint
-from ..data import RealData, dataset_info, load, whiten
-from ..evaluate import evaluate, evaluate_with_baseline
-from ..pretrain import pretrained_pool
-from ..progress import bar, logger
-from ..seeding import derive_seed, seeded
-from ..settings import to_dict
-from .cmi import CMIRegularizer
-from .mim import MIMRegularizer
-from .common import Context, RealSampler, SyntheticSet, method_class
+
+from . import checkpoint
+from .cmi_regularizer import CMIRegularizer
 from .config import DistillConfig
+from .method import Context, RealSampler, SyntheticSet, method_class
+from .mim_regularizer import MIMRegularizer
 from .outputs import save_grid, save_synthetic
 from .preflight import CHECKPOINT, FORMAT, RESTART, check_draws, check_out, check_settings, resolve_device
+from .progress import bar, logger
+from .settings import to_dict
+from .training.data import RealData, dataset_info, load, whiten
+from .training.evaluate import evaluate, evaluate_with_baseline
+from .training.pretrain import pretrained_pool
+from .training.seeding import derive_seed, seeded
 
 CHECKPOINT_SECONDS = 300  # also checkpoint at least this often
 SPLIT_SEED = 0  # the validation split (and pre-trained pools) are shared by runs of every seed

@@ -5,10 +5,10 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from .. import checkpoint
-from ..settings import override
+from . import checkpoint
 from .config import DistillConfig
 from .runner import check_start, run
+from .settings import override
 
 
 def sweep(config: DistillConfig, path: str, values, out_dir: str | os.PathLike, **run_options) -> dict:

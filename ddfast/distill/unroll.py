@@ -29,9 +29,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import functional_call
 
-from ..augment import DSA, Draw
-from ..settings import MOMENTUM, NON_NEGATIVE, OPTIONAL_COUNT, POSITIVE, SettingError, check
-from .common import Method
+from .method import Method
+from .settings import MOMENTUM, NON_NEGATIVE, OPTIONAL_COUNT, POSITIVE, SettingError, check
+from .training.augment import DSA, Draw
 
 MODES = ("standard", "constant")
 

@@ -23,11 +23,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..data import RealData, random_per_class
-from ..models import ModelSpec
-from ..pretrain import PretrainSpec
-from ..seeding import derive_seed, seeded
-from ..settings import COUNT, NON_NEGATIVE, OPTIONAL_COUNT, POSITIVE, Range, check
+from ddfast.ops.infonce import infonce
+
+from .settings import COUNT, NON_NEGATIVE, OPTIONAL_COUNT, POSITIVE, Range, check
+from .training.data import RealData, random_per_class
+from .training.models import ModelSpec
+from .training.pretrain import PretrainSpec
+from .training.seeding import derive_seed, seeded
 
 
 @dataclass(frozen=True)
@@ -62,7 +64,7 @@ def head(inputs: int, config: MIMConfig) -> nn.Module:
 class MIMRegularizer:
     """``reg(images, labels, iteration)`` -> (weight * sum_l beta^l NCE_l, {"mim": sum_l beta^l NCE_l}).
 
-    ``networks`` are frozen ConvNets trained on ``data.train``; see ``common.Regularizer`` for the protocol.
+    ``networks`` are frozen ConvNets trained on ``data.train``; see ``method.Regularizer`` for the protocol.
     """
 
     def __init__(self, networks: list[nn.Module], config: MIMConfig, data: RealData, *, seed: int = 0, chunk: int = 1024):
@@ -101,8 +103,6 @@ class MIMRegularizer:
         self.refresh = refresh
 
     def __call__(self, images: torch.Tensor, labels: torch.Tensor, iteration: int) -> tuple[torch.Tensor, dict[str, float]]:
-        from .. import infonce
-
         self._refresh(iteration)
         total = images.new_zeros(())
         for level, (g, syn, bank) in enumerate(zip(self.heads, self.features(self.network, images), self.bank), start=1):

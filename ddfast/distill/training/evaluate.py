@@ -11,19 +11,18 @@ images per class, with the same network seeds, so every result shows its improve
 from __future__ import annotations
 
 import statistics
-from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
+from ..progress import bar
+from ..settings import COUNT, MOMENTUM, NON_NEGATIVE, POSITIVE, check
 from .augment import DSA
 from .data import RealData, Split, random_per_class
+from .loop import accuracy, train_network
 from .models import ModelSpec
-from .progress import bar
 from .seeding import derive_seed, seeded
-from .settings import COUNT, MOMENTUM, NON_NEGATIVE, POSITIVE, check
 
 
 @dataclass(frozen=True)
@@ -64,63 +63,6 @@ class Accuracy:
 
     def summary(self) -> dict:
         return {**asdict(self), "val_mean": self.val_mean, "test_mean": self.test_mean, "test_std": self.test_std}
-
-
-def train_network(
-    model: nn.Module,
-    images: torch.Tensor,
-    labels: torch.Tensor,
-    *,
-    epochs: int,
-    lr: float,
-    batch_size: int = 256,
-    momentum: float = 0.9,
-    weight_decay: float = 5e-4,
-    dsa: DSA | None = None,
-    decay_at_half: bool = True,
-    on_epoch: Callable[[int, nn.Module], None] | None = None,
-) -> nn.Module:
-    """SGD on (images (N, C, H, W), labels (N,)) in shuffled batches; lr x0.1 after half the epochs.
-
-    ``on_epoch(epoch, model)`` is called after each epoch (snapshots, logging). Uses the global RNG.
-    """
-    optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum, weight_decay=weight_decay)
-    for epoch in range(epochs):
-        if decay_at_half and epoch == epochs // 2 and epoch > 0:
-            for group in optimizer.param_groups:
-                group["lr"] = lr * 0.1
-        train_epoch(model, optimizer, images, labels, batch_size=batch_size, dsa=dsa)
-        if on_epoch is not None:
-            on_epoch(epoch, model)
-    return model
-
-
-def train_epoch(model: nn.Module, optimizer: torch.optim.Optimizer, images: torch.Tensor, labels: torch.Tensor, *, batch_size: int,
-                dsa: DSA | None = None) -> None:
-    """One pass over (images, labels) in shuffled batches (global RNG), each augmented by ``dsa`` when given."""
-    model.train()
-    order = torch.randperm(len(labels)).to(labels.device)
-    for start in range(0, len(labels), batch_size):
-        batch = order[start : start + batch_size]
-        x = images[batch]
-        if dsa is not None:
-            x = dsa(x)
-        loss = F.cross_entropy(model(x), labels[batch])
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-
-
-@torch.no_grad()
-def accuracy(model: nn.Module, split: Split, batch_size: int = 1000) -> float:
-    """Fraction of ``split`` that ``model`` classifies correctly."""
-    model.eval()
-    correct = 0
-    for start in range(0, len(split), batch_size):
-        logits = model(split.images[start : start + batch_size])
-        correct += int((logits.argmax(1) == split.labels[start : start + batch_size]).sum())
-    model.train()
-    return correct / len(split)
 
 
 def evaluate(

@@ -13,8 +13,10 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from ..pretrain import PretrainSpec
-from ..settings import NON_NEGATIVE, POSITIVE, SettingError, check
+from ddfast.ops.cmi import cmi_loss
+
+from .settings import NON_NEGATIVE, POSITIVE, SettingError, check
+from .training.pretrain import PretrainSpec
 
 FEATURES = ("embed", "logits")
 
@@ -35,7 +37,7 @@ class CMIConfig:
 class CMIRegularizer:
     """``reg(images, labels, iteration)`` -> (weight * CMI, {"cmi": CMI}) with a network drawn from ``networks`` (global RNG).
 
-    Stateless and without learnable parameters of its own (see ``common.Regularizer``).
+    Stateless and without learnable parameters of its own (see ``method.Regularizer``).
     """
 
     def __init__(self, networks: list[nn.Module], config: CMIConfig, num_classes: int):
@@ -44,8 +46,6 @@ class CMIRegularizer:
         self.networks, self.config, self.num_classes = networks, config, num_classes
 
     def __call__(self, images: torch.Tensor, labels: torch.Tensor, iteration: int = 0) -> tuple[torch.Tensor, dict[str, float]]:
-        from .. import cmi_loss
-
         network = self.networks[int(torch.randint(len(self.networks), (1,)))]
         features = network.embed(images) if self.config.features == "embed" else network(images)
         cmi = cmi_loss(features, labels, self.num_classes, temperature=self.config.temperature)

@@ -22,8 +22,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _parser() -> argparse.ArgumentParser:
-    from .distill import METHODS, PRESETS
-    from .data import DATASETS
+    from . import METHODS, PRESETS
+    from .training.data import DATASETS
 
     parser = argparse.ArgumentParser(prog="ddfast", description="Dataset distillation with fused kernels.")
     commands = parser.add_subparsers(required=True, metavar="COMMAND")
@@ -86,7 +86,7 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _config(args):
-    from .distill import preset
+    from . import preset
     from .settings import override_all
 
     cmi, mim = args.cmi or "cmi" in args.reg, "mim" in args.reg
@@ -113,7 +113,7 @@ def _print_config(config) -> int:
 
 
 def _distill(args) -> int:
-    from .distill import run, sweep
+    from . import run, sweep
 
     if args.stop_after is not None and args.stop_after < 1:
         raise ValueError(f"--stop-after must be >= 1, got {args.stop_after}")
@@ -141,26 +141,31 @@ def _distill(args) -> int:
     return 0
 
 
+def _checked_data(config, args):
+    """The run's data on its device, loaded once the device and the settings have passed their checks."""
+    from . import load_data, resolve_device
+    from .preflight import check_settings
+
+    device = resolve_device(args.device)
+    check_settings(config)
+    return load_data(config, args.data_root, args.download).to(device)
+
+
 def _pretrain(args) -> int:
-    from .distill import load_data, pretrain, resolve_device
-    from .distill.preflight import check_settings
+    from . import pretrain
 
     config = _config(args)
     if args.print_config:
         return _print_config(config)
-    device = resolve_device(args.device)
-    check_settings(config)
-    data = load_data(config, args.data_root, args.download).to(device)
+    data = _checked_data(config, args)
     pretrain(config, data, cache_dir=args.cache_dir, quiet=args.quiet)
     return 0
 
 
 def _buffer(args) -> int:
-    from .buffers import parse_shard
-    from .distill import load_data, resolve_device
-    from .distill.mtt import MTT, expert_buffer
-    from .distill.preflight import check_settings
-    from .distill.runner import data_key
+    from .mtt import MTT, expert_buffer
+    from .runner import data_key
+    from .training.buffers import parse_shard
 
     shard = parse_shard(args.shard)
     if args.method != "mtt":
@@ -168,20 +173,17 @@ def _buffer(args) -> int:
     config = _config(args)
     if args.print_config:
         return _print_config(config)
-    device = resolve_device(args.device)
-    check_settings(config)
-    data = load_data(config, args.data_root, args.download).to(device)
+    data = _checked_data(config, args)
     folder, _ = expert_buffer(MTT.read_options(config.options), config, data, data_key(config), cache_dir=args.cache_dir, shard=shard, quiet=args.quiet)
     print(f"experts of shard {shard[0]}/{shard[1]} are in {folder}")
     return 0
 
 
 def _evaluate(args) -> int:
-    from . import checkpoint
-    from .distill import DistillConfig, load_data, resolve_device
-    from .distill.outputs import check_evaluation_out, load_synthetic
-    from .evaluate import evaluate_with_baseline
+    from . import DistillConfig, checkpoint, load_data, resolve_device
+    from .outputs import check_evaluation_out, load_synthetic
     from .settings import from_dict, override_all, to_dict
+    from .training.evaluate import evaluate_with_baseline
 
     device = resolve_device(args.device)
     saved = load_synthetic(args.synthetic)

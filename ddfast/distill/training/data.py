@@ -20,7 +20,7 @@ import torch
 from .zca import ZCA
 
 ROOT_ENV = "DDFAST_DATA_ROOT"
-CHECKOUT_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+CHECKOUT_DATA = Path(__file__).resolve().parents[4] / "shared" / "data"  # ../shared/data beside the checkout
 
 
 @dataclass(frozen=True)

@@ -5,9 +5,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from ddfast.data import RealData, Split, dataset_info
 from ddfast.distill import MIMConfig, MIMRegularizer
-from ddfast.models import ConvNet
+from ddfast.distill.training.data import RealData, Split, dataset_info
+from ddfast.distill.training.models import ConvNet
 from loops_support import one_thread  # noqa: F401  (autouse)
 
 
@@ -88,8 +88,8 @@ def test_config_errors():
         MIMConfig(weight=-1)
     with pytest.raises(ValueError, match="bank_per_class"):
         MIMConfig(weight=1, bank_per_class=0)
-    from ddfast.models import ModelSpec
-    from ddfast.pretrain import PretrainSpec
+    from ddfast.distill.training.models import ModelSpec
+    from ddfast.distill.training.pretrain import PretrainSpec
 
     with pytest.raises(ValueError, match="ConvNet feature networks"):
         MIMConfig(weight=1, pretrain=PretrainSpec(model=ModelSpec(arch="resnet18")))

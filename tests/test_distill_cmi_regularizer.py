@@ -3,10 +3,8 @@ import dataclasses
 import pytest
 import torch
 
-import ddfast
-from ddfast import checkpoint
-from ddfast.distill import CMIConfig, CMIRegularizer, preset, run
-from ddfast.models import ConvNet
+from ddfast.distill import CMIConfig, CMIRegularizer, checkpoint, cmi_regularizer, preset, run
+from ddfast.distill.training.models import ConvNet
 from loops_support import mnist_root, one_thread, tiny_config, tiny_pretrain  # noqa: F401  (one_thread: autouse)
 
 
@@ -26,7 +24,7 @@ def test_regulariser_feeds_cmi_loss_and_draws_from_the_pool(monkeypatch):
         calls.append((features, labels, num_classes, temperature))
         return features.sum() * 0 + float(len(calls))
 
-    monkeypatch.setattr(ddfast, "cmi_loss", fake_cmi_loss, raising=False)
+    monkeypatch.setattr(cmi_regularizer, "cmi_loss", fake_cmi_loss)
     torch.manual_seed(0)
     pool = [ConvNet(1, 10, 28, width=4, depth=2).eval() for _ in range(2)]
     images, labels = torch.randn(6, 1, 28, 28, requires_grad=True), torch.arange(3).repeat_interleave(2)

@@ -16,10 +16,10 @@ from typing import Any, ClassVar, Protocol
 import torch
 from torch import nn
 
-from ..augment import DSA
-from ..data import RealData, class_indices, random_per_class
-from ..settings import from_dict
 from .config import DistillConfig
+from .settings import from_dict
+from .training.augment import DSA
+from .training.data import RealData, class_indices, random_per_class
 
 METHODS: dict[str, type[Method]] = {}
 

@@ -25,14 +25,14 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from . import checkpoint
+from .. import checkpoint
+from ..progress import bar, logger
+from ..settings import COUNT, MOMENTUM, NON_NEGATIVE, OPTIONAL_COUNT, POSITIVE, check, describe_differences, to_dict
 from .augment import DSA
 from .data import RealData, random_per_class
-from .evaluate import accuracy, train_epoch
+from .loop import accuracy, train_epoch
 from .models import ModelSpec
-from .progress import bar, logger
 from .seeding import derive_seed, seeded
-from .settings import COUNT, MOMENTUM, NON_NEGATIVE, OPTIONAL_COUNT, POSITIVE, check, describe_differences, to_dict
 
 FORMAT = "ddfast-expert-buffer/1"
 

@@ -15,13 +15,13 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from . import checkpoint
+from .. import checkpoint
+from ..progress import bar, logger
+from ..settings import COUNT, MOMENTUM, NON_NEGATIVE, OPTIONAL_COUNT, POSITIVE, check, to_dict
 from .data import RealData, random_per_class
-from .evaluate import accuracy, train_network
+from .loop import accuracy, train_network
 from .models import ModelSpec
-from .progress import bar, logger
 from .seeding import derive_seed, seeded
-from .settings import COUNT, MOMENTUM, NON_NEGATIVE, OPTIONAL_COUNT, POSITIVE, check, to_dict
 
 CACHE_ENV = "DDFAST_CACHE_DIR"
 
