@@ -16,6 +16,13 @@ def test_save_load_round_trip_and_missing(tmp_path):
     assert [p.name for p in path.parent.iterdir()] == ["state.pt"]  # no temporary left behind
 
 
+def test_equal_states_give_identical_files(tmp_path):
+    state = {"images": torch.linspace(0, 1, 12).reshape(3, 4), "meta": {"it": 7}}
+    checkpoint.save(state, tmp_path / "a.pt")
+    checkpoint.save(state, tmp_path / "other" / "synthetic.pt")
+    assert (tmp_path / "a.pt").read_bytes() == (tmp_path / "other" / "synthetic.pt").read_bytes()
+
+
 def test_a_failed_write_keeps_the_previous_file(tmp_path):
     path = tmp_path / "results.json"
     checkpoint.save_json({"good": 1}, path)

@@ -58,9 +58,9 @@ def check_writable_folder(folder: str | os.PathLike) -> None:
 
 
 def save(state: dict, path: str | os.PathLike) -> None:
-    """``torch.save`` ``state`` to ``path`` atomically."""
-    with atomic_path(path) as tmp:
-        torch.save(state, tmp)
+    """``torch.save`` ``state`` to ``path`` atomically; equal states give byte-identical files."""
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        torch.save(state, f)  # through a file object: the archive is not named after the temporary file
 
 
 def load(path: str | os.PathLike, *, mmap: bool = False, keys: tuple[str, ...] = ()) -> dict | None:
