@@ -34,7 +34,7 @@ PRESETS = {
 }
 
 CHECKS = [
-    Check("issue 2: infonce forward+backward, N=1000 M=50000 D=256 float32, CPU backend vs reference",
+    Check("infonce forward+backward, N=1000 M=50000 D=256 float32: the cpu backend against the reference",
           device="cpu", dtype="float32", shape={"N": 1000, "M": 50_000, "D": 256}, ours="cpu", baseline="reference",
           max_memory_ratio=0.2, max_time_ratio=1.0),
 ]
