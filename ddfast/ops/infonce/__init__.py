@@ -36,7 +36,7 @@ def infonce(query: Tensor, key: Tensor, query_labels: Tensor | None = None, key_
             (N,) with 0 for queries without a positive.
         symmetric: average the loss of both directions (query->key and key->query), as CLIP does.
         backend: ``auto``, ``reference`` (plain torch, N x M memory), ``torch`` (streaming, pure torch),
-            ``cpu`` (compiled C++), ``triton`` (CUDA GPUs).
+            ``cpu`` (compiled C++), ``triton`` (CUDA GPUs; D up to 1024, where ``auto`` takes ``torch`` beyond).
 
     ``loss_i = logsumexp_j s_ij - mean_{j in P(i)} s_ij`` with ``s_ij = <q_i, k_j> / temperature``.
     Returns a scalar (or (N,) for ``reduction="none"``) in the inputs' dtype; accumulation is float32
