@@ -1,8 +1,9 @@
 """InfoNCE over many negatives without materialising the N x M logits.
 
-``infonce`` streams over key tiles with an online logsumexp, saves per-query statistics only and
-recomputes tiles in backward; see ``op.py`` for the operators and ``streaming.py`` for the kernel
-contract every backend follows.
+``infonce`` checks the arguments' metadata and calls ``torch.ops.ddfast.infonce_forward`` (``op.py``),
+which streams over key tiles with an online logsumexp, saves per-query statistics only and recomputes
+tiles in backward; ``streaming.py`` lists the protocol every backend module follows.
+``backend="reference"`` runs ``reference.py``, plain torch.
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ def infonce(query: Tensor, key: Tensor, query_labels: Tensor | None = None, key_
             (N,) with 0 for queries without a positive.
         symmetric: average the loss of both directions (query->key and key->query), as CLIP does.
         backend: ``auto``, ``reference`` (plain torch, N x M memory), ``torch`` (streaming, pure torch),
-            ``cpu`` (compiled C++), ``triton`` (CUDA GPUs).
+            ``cpu`` (compiled C++), ``triton`` (CUDA GPUs; D up to 1024, where ``auto`` takes ``torch`` beyond).
 
     ``loss_i = logsumexp_j s_ij - mean_{j in P(i)} s_ij`` with ``s_ij = <q_i, k_j> / temperature``.
     Returns a scalar (or (N,) for ``reduction="none"``) in the inputs' dtype; accumulation is float32
@@ -43,25 +44,23 @@ def infonce(query: Tensor, key: Tensor, query_labels: Tensor | None = None, key_
     ``torch.func.vmap`` works on every backend; ``torch.func.grad`` / ``jvp``, forward-mode AD and
     double backward need ``backend="reference"`` (the others raise ``NotImplementedError``).
     """
-    _check(query, key, query_labels, key_labels, temperature, normalize, reduction, symmetric)
+    _check(query, key, query_labels, key_labels, temperature, normalize, reduction, symmetric, backend)
     if backend == "reference":
         return reference.infonce(query, key, query_labels, key_labels, temperature=temperature,
                                  normalize=normalize, reduction=reduction, symmetric=symmetric)
     _transforms.refuse_unsupported("ddfast.infonce", query, key, temperature)
     if not isinstance(temperature, Tensor):
         temperature = torch.tensor(float(temperature), dtype=torch.float64)
-    loss = _directed(query, key, query_labels, key_labels, temperature, normalize, reduction, backend)
+    loss, _ = torch.ops.ddfast.infonce_forward(query, key, query_labels, key_labels, temperature, normalize, reduction,
+                                               backend)
     if symmetric:
-        loss = 0.5 * (loss + _directed(key, query, key_labels, query_labels, temperature, normalize, reduction, backend))
-    return loss.to(query.dtype)
+        reverse, _ = torch.ops.ddfast.infonce_forward(key, query, key_labels, query_labels, temperature, normalize,
+                                                      reduction, backend)
+        loss = 0.5 * (loss + reverse)
+    return loss
 
 
-def _directed(query, key, query_labels, key_labels, temperature, normalize, reduction, backend):
-    rows, _, valid = torch.ops.ddfast.infonce_forward(query, key, query_labels, key_labels, temperature, normalize, backend)
-    return reference.reduce_rows(rows, valid, reduction)
-
-
-def _check(query, key, query_labels, key_labels, temperature, normalize, reduction, symmetric) -> None:
+def _check(query, key, query_labels, key_labels, temperature, normalize, reduction, symmetric, backend) -> None:
     _checks.tensor("query", query, ndim=2)
     _checks.tensor("key", key, ndim=2)
     _checks.same_dtype(query=query, key=key)
@@ -87,6 +86,7 @@ def _check(query, key, query_labels, key_labels, temperature, normalize, reducti
     _checks.reduction(reduction)
     if symmetric and reduction == "none":
         raise ValueError("symmetric=True needs reduction 'mean' or 'sum': the two directions have N and M rows")
+    REGISTRY.check_name(backend)
 
 
 class InfoNCE(nn.Module):

@@ -1,6 +1,6 @@
 """Backend ``cpu``: the compiled C++ kernel of ``csrc/infonce/infonce_cpu.cpp``.
 
-Same contract as ``streaming.py``; blocks of logits come from BLAS, then one fused vectorised pass
+The protocol of ``streaming.py``; blocks of logits come from BLAS, then one fused vectorised pass
 per row (parallel over query rows) consumes them while they are in cache.
 """
 
@@ -19,7 +19,8 @@ def lse(query: torch.Tensor, key: torch.Tensor, key_inv_norm: torch.Tensor | Non
     return _ops().lse(query.contiguous(), key, key_inv_norm, scale)
 
 
-def grads(query, key, key_inv_norm, scale, lse, weight, need_query, need_key):
+def grads(query: torch.Tensor, key: torch.Tensor, key_inv_norm: torch.Tensor | None, scale: float, lse: torch.Tensor,
+          weight: torch.Tensor, need_query: bool, need_key: bool) -> tuple[torch.Tensor | None, torch.Tensor | None]:
     grad_query, grad_key = _ops().grads(query.contiguous(), key, key_inv_norm, scale, lse.contiguous(),
                                         weight.contiguous(), need_query, need_key)
     return (grad_query if need_query else None), (grad_key if need_key else None)

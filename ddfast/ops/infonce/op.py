@@ -1,44 +1,60 @@
-"""The ``ddfast::infonce_forward`` / ``ddfast::infonce_backward`` operators and their autograd.
+"""InfoNCE's operators: the backend registry, the value checks, ``ddfast::infonce_forward`` /
+``ddfast::infonce_backward`` with their fake implementations, and the autograd formula.
 
-The backends compute only the softmax statistics (``lse`` and its gradient, see ``streaming.py``);
-this module adds what costs O((N + M) D): normalisation (``rows.py``), the positive term, the
-temperature gradient. Values (temperature, non-finite features, overflowing logits) and the backend
-choice are checked here, inside the opaque operator, so that ``torch.compile(fullgraph=True)`` traces
-callers without data-dependent branches. Every kernel receives contiguous rows.
+``REGISTRY`` names the module of each backend (``streaming.py``, ``cpu.py``, ``triton.py``); those
+compute only the softmax statistics (``lse`` and its gradient, the protocol in ``streaming.py``).
+The operators add what costs O((N + M) D): normalisation (``rows.py``), the positive term
+(``positives.py``), the temperature's gradient and the reduction (``ops/_reduction.py``). Values
+(temperature, non-finite features, overflowing logits) and the backend are checked here, inside the
+opaque operators, so that ``torch.compile(fullgraph=True)`` traces callers without data-dependent
+branches. Every kernel receives contiguous rows.
 """
 
-import importlib
 from typing import Optional
 
 import torch
 from torch import Tensor
 
 from ... import _checks, _extension, _transforms
-from ..._backends import Backend, Registry, accumulation_dtype, triton_missing, triton_runs_on
+from ..._backends import Backend, Registry, accumulation_dtype, on_cpu, triton_missing, triton_runs_on
+from .._reduction import reduce, row_grads
 from . import positives, rows
-from .reference import check_logits
 
 TRITON_MAX_DIM = 1024  # the Triton kernels hold whole rows of D on chip
 
-REGISTRY = Registry("infonce", preference={"cuda": ("triton", "torch"), "cpu": ("cpu", "torch")})
-REGISTRY.add(Backend("reference", runs_on=lambda device: True))
-REGISTRY.add(Backend("torch", runs_on=lambda device: True))
-REGISTRY.add(Backend("cpu", runs_on=lambda device: device == "cpu", missing=lambda: _extension.missing("infonce_cpu")))
-REGISTRY.add(Backend("triton", runs_on=triton_runs_on, missing=triton_missing))
 
-_MODULES = {"torch": "streaming", "cpu": "cpu", "triton": "triton"}
+def _streaming():
+    from . import streaming
+    return streaming
 
 
-def kernels(backend: str, query: Tensor):
-    """The kernel module that runs ``backend`` (``auto`` resolved) for ``query``-like inputs."""
-    name = REGISTRY.resolve(backend, query.device, query.dtype)
-    if name == "reference":
-        raise ValueError("backend='reference' is plain torch and does not run through the fused operator")
-    if name == "triton" and query.shape[1] > TRITON_MAX_DIM:
-        if backend == "triton":
-            raise ValueError(f"backend='triton' supports feature dimensions up to {TRITON_MAX_DIM}, got {query.shape[1]}")
-        name = "torch"
-    return importlib.import_module(f"{__package__}.{_MODULES[name]}")
+def _cpu():
+    from . import cpu
+    return cpu
+
+
+def _triton():
+    from . import triton
+    return triton
+
+
+def _triton_refuses(like: Tensor) -> Optional[str]:
+    if like.shape[1] > TRITON_MAX_DIM:
+        return f"it supports feature dimensions up to {TRITON_MAX_DIM}, got {like.shape[1]}"
+    return None
+
+
+REGISTRY = Registry("infonce", preference={"cuda": ("triton", "torch"), "cpu": ("cpu", "torch")}, streaming=_streaming)
+REGISTRY.add(Backend("cpu", on_cpu, load=_cpu, missing=lambda: _extension.missing("infonce_cpu")))
+REGISTRY.add(Backend("triton", triton_runs_on, load=_triton, missing=triton_missing, refuses=_triton_refuses))
+
+
+def check_logits(lse: Tensor, losses: Tensor, dtype: torch.dtype) -> None:
+    """Value check: per-query logsumexp and loss are finite (finite inputs make them overflow only
+    when ``|<q, k>| / temperature`` exceeds ``dtype``'s range)."""
+    if not _checks.all_finite(lse, losses):
+        raise ValueError(f"the logits <q, k> / temperature overflow {dtype}: raise the temperature, scale the "
+                         f"features down, or use normalize=True")
 
 
 def _scale(temperature: Tensor) -> float:
@@ -60,6 +76,7 @@ class _Prepared:
             self.query = self.query * self.query_rows.inv_norm[:, None]
         self.query = self.query.contiguous()
         self.positives = positives.build(query_labels, key_labels, query.shape[0], key.shape[0], query.device, self.acc)
+        self.valid = self.positives.count > 0  # (N,) bool: the queries that have a positive
 
 
 RECOMPUTE_ERROR = 2.0 ** -4  # largest rounding error of a recomputed logit the backward accepts
@@ -83,36 +100,38 @@ def _check_recomputable(p: _Prepared, scale: float) -> None:
 
 @torch.library.custom_op("ddfast::infonce_forward", mutates_args=())
 def infonce_forward(query: Tensor, key: Tensor, query_labels: Optional[Tensor], key_labels: Optional[Tensor],
-                    temperature: Tensor, normalize: bool, backend: str) -> tuple[Tensor, Tensor, Tensor]:
-    """Per-query loss (N,), logsumexp (N,) in the accumulation dtype, and (N,) bool has-a-positive."""
+                    temperature: Tensor, normalize: bool, reduction: str, backend: str) -> tuple[Tensor, Tensor]:
+    """The loss of queries (N, D) against keys (M, D) in their dtype, reduced (a scalar, or (N,) for
+    ``none``; the mean is over the queries that have a positive), and the (N,) logsumexp of each
+    query's logits in the accumulation dtype, which the backward needs."""
     scale = _scale(temperature)
-    run = kernels(backend, query)
+    run = REGISTRY.kernels(backend, query)
     p = _Prepared(query, key, query_labels, key_labels, normalize)
     lse = run.lse(p.query, p.key, p.key_inv_norm, scale)
-    valid = p.positives.count > 0
-    loss = torch.where(valid, lse - positives.mean_logit(p.positives, p.query, p.key, p.key_inv_norm, scale), 0.0)
-    check_logits(lse, loss, p.acc)
-    return loss, lse, valid
+    losses = torch.where(p.valid, lse - positives.mean_logit(p.positives, p.query, p.key, p.key_inv_norm, scale), 0.0)
+    check_logits(lse, losses, p.acc)
+    return reduce(losses, reduction, p.valid.sum()).to(query.dtype), lse
 
 
 @infonce_forward.register_fake
-def _(query, key, query_labels, key_labels, temperature, normalize, backend):
-    acc = accumulation_dtype(query.dtype)
+def _(query, key, query_labels, key_labels, temperature, normalize, reduction, backend):
     n = query.shape[0]
-    return query.new_empty(n, dtype=acc), query.new_empty(n, dtype=acc), query.new_empty(n, dtype=torch.bool)
+    loss = query.new_empty(n) if reduction == "none" else query.new_empty(())
+    return loss, query.new_empty(n, dtype=accumulation_dtype(query.dtype))
 
 
 @torch.library.custom_op("ddfast::infonce_backward", mutates_args=())
-def infonce_backward(grad_rows: Tensor, query: Tensor, key: Tensor, query_labels: Optional[Tensor],
+def infonce_backward(grad: Tensor, query: Tensor, key: Tensor, query_labels: Optional[Tensor],
                      key_labels: Optional[Tensor], temperature: Tensor, lse: Tensor, normalize: bool,
-                     need_query: bool, need_key: bool, need_temperature: bool,
+                     reduction: str, need_query: bool, need_key: bool, need_temperature: bool,
                      backend: str) -> tuple[Tensor, Tensor, Tensor]:
-    """Gradients for query (N, D), key (M, D) and temperature; empty tensors for those not needed."""
+    """Gradients for query (N, D), key (M, D) and temperature (its shape and dtype) given ``grad`` of
+    ``infonce_forward``'s loss; empty tensors for those not needed."""
     scale = _scale(temperature)
-    run = kernels(backend, query)
+    run = REGISTRY.kernels(backend, query)
     p = _Prepared(query, key, query_labels, key_labels, normalize)
     _check_recomputable(p, scale)
-    weight = torch.where(p.positives.count > 0, grad_rows.to(p.acc), 0.0)
+    weight = torch.where(p.valid, row_grads(grad, reduction, query.shape[0], p.valid.sum(), dtype=p.acc), 0.0)
     grad_query, grad_key = run.grads(p.query, p.key, p.key_inv_norm, scale, lse, weight,
                                      need_query or need_temperature, need_key)
     positives.subtract_grads(p.positives, weight, p.query, p.key, p.key_inv_norm, scale, grad_query, grad_key)
@@ -131,7 +150,7 @@ def infonce_backward(grad_rows: Tensor, query: Tensor, key: Tensor, query_labels
 
 
 @infonce_backward.register_fake
-def _(grad_rows, query, key, query_labels, key_labels, temperature, lse, normalize, need_query, need_key,
+def _(grad, query, key, query_labels, key_labels, temperature, lse, normalize, reduction, need_query, need_key,
       need_temperature, backend):
     return (query.new_empty(query.shape) if need_query else query.new_empty(0),
             key.new_empty(key.shape) if need_key else query.new_empty(0),
@@ -142,22 +161,22 @@ _transforms.refuse_double_backward("ddfast.infonce", infonce_backward)
 
 
 def _setup_context(ctx, inputs, output):
-    query, key, query_labels, key_labels, temperature, normalize, backend = inputs
-    _, lse, valid = output
-    ctx.mark_non_differentiable(lse, valid)
+    query, key, query_labels, key_labels, temperature, normalize, reduction, backend = inputs
+    _, lse = output
+    ctx.mark_non_differentiable(lse)
     ctx.save_for_backward(query, key, query_labels, key_labels, temperature, lse)
-    ctx.normalize, ctx.backend = normalize, backend
+    ctx.normalize, ctx.reduction, ctx.backend = normalize, reduction, backend
 
 
-def _backward(ctx, grad_rows, _grad_lse, _grad_valid):
+def _backward(ctx, grad, _grad_lse):
     query, key, query_labels, key_labels, temperature, lse = ctx.saved_tensors
     need_query, need_key = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
     need_temperature = ctx.needs_input_grad[4]
     grad_query, grad_key, grad_temperature = torch.ops.ddfast.infonce_backward(
-        grad_rows, query, key, query_labels, key_labels, temperature, lse, ctx.normalize,
+        grad, query, key, query_labels, key_labels, temperature, lse, ctx.normalize, ctx.reduction,
         need_query, need_key, need_temperature, ctx.backend)
     return (grad_query if need_query else None, grad_key if need_key else None, None, None,
-            grad_temperature if need_temperature else None, None, None)
+            grad_temperature if need_temperature else None, None, None, None)
 
 
 infonce_forward.register_autograd(_backward, setup_context=_setup_context)

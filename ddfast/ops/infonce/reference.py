@@ -10,6 +10,8 @@ from __future__ import annotations
 import torch
 
 from ... import _checks
+from .._reduction import reduce
+from .op import check_logits
 from .rows import EPS, power_of_two
 
 
@@ -21,14 +23,6 @@ def normalize_rows(x: torch.Tensor) -> torch.Tensor:
     scale = power_of_two(x.detach().abs().amax(-1, keepdim=True).to(wide))
     rows = x.to(wide) / scale
     return (rows / torch.linalg.vector_norm(rows, dim=-1, keepdim=True).clamp_min(EPS / scale)).to(x.dtype)
-
-
-def check_logits(lse: torch.Tensor, rows: torch.Tensor, dtype: torch.dtype) -> None:
-    """Value check: per-query logsumexp and loss are finite (finite inputs make them overflow only
-    when ``|<q, k>| / temperature`` exceeds ``dtype``'s range)."""
-    if not _checks.all_finite(lse, rows):
-        raise ValueError(f"the logits <q, k> / temperature overflow {dtype}: raise the temperature, scale the "
-                         f"features down, or use normalize=True")
 
 
 def positive_mask(query_labels: torch.Tensor | None, key_labels: torch.Tensor | None, n: int, m: int, device) -> torch.Tensor:
@@ -64,21 +58,13 @@ def infonce_rows(query, key, query_labels=None, key_labels=None, *, temperature=
     return rows, valid
 
 
-def reduce_rows(rows: torch.Tensor, valid: torch.Tensor, reduction: str) -> torch.Tensor:
-    """``mean`` over the queries with a positive (0 when there are none), ``sum``, or ``none``."""
-    if reduction == "none":
-        return rows
-    total = rows.sum()
-    return total if reduction == "sum" else total / valid.sum().clamp_min(1)
-
-
 def infonce(query, key, query_labels=None, key_labels=None, *, temperature=0.1, normalize=True,
             reduction="mean", symmetric=False):
     """Reference InfoNCE with the semantics of :func:`ddfast.infonce` (value checks only: the metadata
     checks are the public function's)."""
     rows, valid = infonce_rows(query, key, query_labels, key_labels, temperature=temperature, normalize=normalize)
-    loss = reduce_rows(rows, valid, reduction)
+    loss = reduce(rows, reduction, valid.sum())
     if not symmetric:
         return loss
     rows_t, valid_t = infonce_rows(key, query, key_labels, query_labels, temperature=temperature, normalize=normalize)
-    return 0.5 * (loss + reduce_rows(rows_t, valid_t, reduction))
+    return 0.5 * (loss + reduce(rows_t, reduction, valid_t.sum()))

@@ -1,7 +1,8 @@
 """Backend ``torch``: the InfoNCE softmax statistics streamed over tiles in pure torch.
 
 Runs on any device. Memory beyond inputs and outputs: one (query chunk x key tile) block of logits.
-The kernel contract shared by every backend (``cpu``, ``triton``):
+The protocol every backend module (``streaming.py``, ``cpu.py``, ``triton.py``) defines, with these
+names and signatures:
 
 - ``lse(query, key, key_inv_norm, scale) -> (N,)``: ``logsumexp_j scale * rk_j * <q_i, k_j>``
 - ``grads(query, key, key_inv_norm, scale, lse, weight, need_query, need_key) -> (dq, dk)``:
@@ -45,7 +46,8 @@ def lse(query: torch.Tensor, key: torch.Tensor, key_inv_norm: torch.Tensor | Non
     return out
 
 
-def grads(query, key, key_inv_norm, scale, lse, weight, need_query, need_key):
+def grads(query: torch.Tensor, key: torch.Tensor, key_inv_norm: torch.Tensor | None, scale: float, lse: torch.Tensor,
+          weight: torch.Tensor, need_query: bool, need_key: bool) -> tuple[torch.Tensor | None, torch.Tensor | None]:
     grad_query = torch.zeros_like(query) if need_query else None
     grad_key = torch.zeros(key.shape, dtype=query.dtype, device=key.device) if need_key else None
     for q0, q1 in _tiles(query.shape[0], QUERY_CHUNK):

@@ -1,6 +1,6 @@
 """Backend ``triton``: fused InfoNCE kernels for CUDA GPUs (and the CPU under ``TRITON_INTERPRET=1``).
 
-Same contract as ``streaming.py``. Flash-attention style: a block of query rows stays in registers
+The protocol of ``streaming.py``. Flash-attention style: a block of query rows stays in registers
 while key tiles stream past; the logits exist only tile by tile, in the log2 domain.
 
 - ``_lse_kernel``: online logsumexp per query, the keys split across programs so that a few
@@ -205,7 +205,8 @@ def _weighted_sum(a, b, key_inv_norm, lse2, weight, scale, query_rows, types):
     return out[0] if splits == 1 else out.sum(0)
 
 
-def grads(query, key, key_inv_norm, scale, lse, weight, need_query, need_key):
+def grads(query: torch.Tensor, key: torch.Tensor, key_inv_norm: torch.Tensor | None, scale: float, lse: torch.Tensor,
+          weight: torch.Tensor, need_query: bool, need_key: bool) -> tuple[torch.Tensor | None, torch.Tensor | None]:
     query, key, types = _types(query, key)
     lse2 = (lse * LOG2E).contiguous()
     weight = weight.contiguous()
