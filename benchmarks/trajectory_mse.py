@@ -13,9 +13,23 @@ import torch
 
 import ddfast
 from ddfast.ops.trajectory_mse import REGISTRY, reference
-from tests.test_trajectory_mse import convnet_shapes, resnet18_shapes
 
 from .ops import Inputs, Work
+
+
+def convnet_shapes(channels=3, classes=10, width=128, depth=3, feature=4):
+    """Parameter shapes of the distillation ConvNet (conv 3x3, GroupNorm affine per layer, linear head)."""
+    shapes = []
+    for layer in range(depth):
+        shapes += [(width, channels if layer == 0 else width, 3, 3), (width,), (width,), (width,)]
+    return shapes + [(classes, width * feature * feature), (classes,)]
+
+
+def resnet18_shapes():
+    import torchvision
+
+    with torch.device("meta"):
+        return [tuple(p.shape) for p in torchvision.models.resnet18(num_classes=10).parameters()]
 
 FUNCTION = ddfast.trajectory_mse
 REFERENCE = reference.trajectory_mse

@@ -2,20 +2,25 @@
 
 from __future__ import annotations
 
+import inspect
 import itertools
 
 import numpy as np
 import pytest
 import torch
 
-from ddfast import TrajectoryMSE, _extension, trajectory_mse
-from ddfast.ops.trajectory_mse import REGISTRY, reference
+from ops_support import DEVICE, assert_close, backends
 
-DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
-KERNELS = [(device, name) for device in DEVICES for name in REGISTRY.names() if name != "reference"]
-KERNEL_IDS = [f"{device}-{name}" for device, name in KERNELS]
-BACKENDS = [(device, name) for device in DEVICES for name in REGISTRY.names()]  # the reference too
-BACKEND_IDS = [f"{device}-{name}" for device, name in BACKENDS]
+from benchmarks.trajectory_mse import convnet_shapes, resnet18_shapes
+from ddfast import TrajectoryMSE, _extension, trajectory_mse
+from ddfast.ops.trajectory_mse import REGISTRY, cpu, cuda, reference, streaming
+
+
+@pytest.fixture
+def device() -> str:
+    """Where the backends' inputs live: the GPU where there is one, else the CPU."""
+    return DEVICE
+
 
 # Argument forms: (shapes of the student's tensors, is a list, batched). Row lengths are odd and
 # cross the kernels' chunk sizes (2048 for cpu, 4096 for triton, 8192 for cuda); B = 1 and B > 1.
@@ -29,13 +34,6 @@ CASES = {
     "list_default": ([(16, 3, 3, 3), (16,), (7, 16, 3, 3), (10, 257)], True, None),  # one trajectory's parameters
     "tensor_unbatched": ([(2, 3, 1001)], False, False),
 }
-
-
-def backend_or_skip(device: str, name: str, dtype: torch.dtype = torch.float64) -> str:
-    problem = REGISTRY.problem(name, torch.device(device), dtype)
-    if problem is not None:
-        pytest.skip(f"backend {name!r} cannot run {dtype} on {device}: {problem}")
-    return name
 
 
 def make_inputs(case: str, dtype=torch.float64, device="cpu", requires_grad=(True, True, True), seed=0):
@@ -66,52 +64,44 @@ def loss_and_grads(args, *, backend, reduction, batched, weights=None):
 
 
 def assert_close_tensors(actual, expected, *, rtol):
-    """Elementwise |actual - expected| <= rtol * max|expected| (one scale per tensor: gradients pass through 0)."""
+    """Elementwise |actual - expected| <= rtol * max|expected|, however small that is (one scale per tensor:
+    gradients pass through 0)."""
     scale = expected.abs().max().item() if expected.numel() else 0.0
-    torch.testing.assert_close(actual, expected, rtol=0, atol=rtol * max(scale, 1e-300))
+    assert_close(actual, expected, rtol=0, atol=rtol * min(max(scale, 1e-300), 1.0))
+
+
+def weights_for(reduction, trajectories, device):
+    """A different upstream gradient for every trajectory where the loss is per trajectory."""
+    return torch.linspace(-1.0, 2.0, trajectories, dtype=torch.float64, device=device) if reduction == "none" else None
+
+
+def float64_leaves(args) -> list[list[torch.Tensor]]:
+    """Detached float64 copies of lists of tensors, each requiring a gradient."""
+    return [[x.detach().double().requires_grad_(True) for x in arg] for arg in args]
 
 
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
 @pytest.mark.parametrize("case", list(CASES))
-@pytest.mark.parametrize("device,name", KERNELS, ids=KERNEL_IDS)
+@pytest.mark.parametrize("name", backends(REGISTRY))
 def test_matches_reference_float64(device, name, case, reduction):
-    backend_or_skip(device, name)
     args = make_inputs(case, device=device)
     batched = CASES[case][2]
-    weights = None
-    if reduction == "none":  # a different upstream gradient for every trajectory
-        trajectories = trajectory_mse(*args, reduction="none", batched=batched, backend="reference").numel()
-        weights = torch.linspace(-1.0, 2.0, trajectories, dtype=torch.float64, device=device)
+    trajectories = trajectory_mse(*args, reduction="none", batched=batched, backend="reference").numel()
+    weights = weights_for(reduction, trajectories, device)
     expected, expected_grads = loss_and_grads(args, backend="reference", reduction=reduction, batched=batched, weights=weights)
     actual, actual_grads = loss_and_grads(args, backend=name, reduction=reduction, batched=batched, weights=weights)
     assert actual.dtype == torch.float64 and actual.shape == expected.shape
-    torch.testing.assert_close(actual, expected, rtol=1e-13, atol=0)
+    assert_close(actual, expected, rtol=1e-13, atol=0)
     for got, want in zip(actual_grads, expected_grads):
         assert got.shape == want.shape and got.dtype == want.dtype
         assert_close_tensors(got, want, rtol=1e-12)
 
 
-def convnet_shapes(channels=3, classes=10, width=128, depth=3, feature=4):
-    """Parameter shapes of the distillation ConvNet (conv 3x3, GroupNorm affine per layer, linear head)."""
-    shapes = []
-    for layer in range(depth):
-        shapes += [(width, channels if layer == 0 else width, 3, 3), (width,), (width,), (width,)]
-    return shapes + [(classes, width * feature * feature), (classes,)]
-
-
-def resnet18_shapes():
-    import torchvision
-
-    with torch.device("meta"):
-        return [tuple(p.shape) for p in torchvision.models.resnet18(num_classes=10).parameters()]
-
-
 @pytest.mark.parametrize("model", ["convnet", "resnet18"])
-@pytest.mark.parametrize("device,name", KERNELS, ids=KERNEL_IDS)
+@pytest.mark.parametrize("name", backends(REGISTRY, torch.float32))
 def test_model_shaped_parameter_lists(device, name, model):
     """One float32 trajectory of a ConvNet's / ResNet-18's parameters, all three gradients, against float64."""
-    backend_or_skip(device, name, torch.float32)
-    if model == "resnet18" and name == "triton" and device == "cpu":
+    if model == "resnet18" and name == "triton" and DEVICE == "cpu":
         pytest.skip("11.7M parameters are too slow for the Triton interpreter (the ConvNet case covers it)")
     shapes = convnet_shapes() if model == "convnet" else resnet18_shapes()
     generator = torch.Generator().manual_seed(2)
@@ -119,7 +109,7 @@ def test_model_shaped_parameter_lists(device, name, model):
     start = [t + torch.randn(shape, generator=generator) * 0.01 for t, shape in zip(target, shapes)]
     student = [t + torch.randn(shape, generator=generator) * 0.005 for t, shape in zip(target, shapes)]
     args = [[x.to(device).requires_grad_(True) for x in arg] for arg in (student, start, target)]
-    exact_args = [[x.detach().double().requires_grad_(True) for x in arg] for arg in args]
+    exact_args = float64_leaves(args)
     loss, grads = loss_and_grads(args, backend=name, reduction="mean", batched=False)
     exact, exact_grads = loss_and_grads(exact_args, backend="reference", reduction="mean", batched=False)
     bound = 8 * torch.finfo(torch.float32).eps
@@ -145,29 +135,23 @@ def test_reference_is_the_mtt_formula():
         flat = [torch.cat([x[b].reshape(-1) for x in arg]) for arg in (student, start, target)]
         expected = (flat[0] - flat[2]).pow(2).sum() / (flat[1] - flat[2]).pow(2).sum()
         got = reference.trajectory_mse(student, start, target, reduction="none", batched=True)[b]
-        torch.testing.assert_close(got, expected, rtol=1e-14, atol=0)
+        assert_close(got, expected, rtol=1e-14, atol=0)
 
 
 SUBSETS = list(itertools.product((False, True), repeat=3))  # requires_grad of (student, start, target)
 SUBSET_IDS = ["+".join(n for n, need in zip(("student", "start", "target"), needs) if need) or "none" for needs in SUBSETS]
 
 
-def weights_for(reduction, trajectories, device):
-    """A different upstream gradient for every trajectory where the loss is per trajectory."""
-    return torch.linspace(-1.0, 2.0, trajectories, dtype=torch.float64, device=device) if reduction == "none" else None
-
-
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
 @pytest.mark.parametrize("needs", SUBSETS, ids=SUBSET_IDS)
-@pytest.mark.parametrize("device,name", KERNELS, ids=KERNEL_IDS)
+@pytest.mark.parametrize("name", backends(REGISTRY))
 def test_gradients_only_where_needed(device, name, needs, reduction):
     """Every subset of {student, start, target} requiring a gradient, every reduction."""
-    backend_or_skip(device, name)
     args = make_inputs("list_B3", device=device, requires_grad=needs)
     weights = weights_for(reduction, 3, device)
     expected, expected_grads = loss_and_grads(args, backend="reference", reduction=reduction, batched=True, weights=weights)
     actual, actual_grads = loss_and_grads(args, backend=name, reduction=reduction, batched=True, weights=weights)
-    torch.testing.assert_close(actual, expected, rtol=1e-13, atol=0)
+    assert_close(actual, expected, rtol=1e-13, atol=0)
     assert actual.requires_grad == any(needs)
     for got, want in zip(actual_grads, expected_grads):
         assert (got is None) == (want is None)
@@ -176,10 +160,9 @@ def test_gradients_only_where_needed(device, name, needs, reduction):
 
 
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
-@pytest.mark.parametrize("device,name", KERNELS, ids=KERNEL_IDS)
+@pytest.mark.parametrize("name", backends(REGISTRY))
 def test_gradients_for_part_of_a_list(device, name, reduction):
     """Only some tensors of each list require a gradient (e.g. frozen layers, a partly learned target)."""
-    backend_or_skip(device, name)
     student, start, target = make_inputs("list_B3", device=device, requires_grad=(False, False, False))
     for tensor in (student[0], student[2], start[1], target[2], target[4]):
         tensor.requires_grad_(True)
@@ -196,7 +179,7 @@ def test_gradients_for_part_of_a_list(device, name, reduction):
 def low_precision_results(device, name, dtype):
     """(result, result of the reference in dtype, exact float64 result), each as [loss, *gradients]."""
     args = make_inputs("list_B3", dtype=dtype, device=device)
-    exact_args = [[x.detach().double().requires_grad_(True) for x in arg] for arg in args]
+    exact_args = float64_leaves(args)
     weights = torch.tensor([0.5, -1.0, 2.0], device=device)
     runs = [loss_and_grads(args, backend=name, reduction="none", batched=True, weights=weights.to(dtype)),
             loss_and_grads(args, backend="reference", reduction="none", batched=True, weights=weights.to(dtype)),
@@ -209,10 +192,9 @@ def max_error(x, exact):
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
-@pytest.mark.parametrize("device,name", KERNELS, ids=KERNEL_IDS)
+@pytest.mark.parametrize("name", backends(REGISTRY, torch.float32))
 def test_half_precision_no_worse_than_reference(device, name, dtype):
     """Against float64, the error is at most the reference's own in ``dtype``, or one final rounding."""
-    backend_or_skip(device, name, dtype)
     actual, in_dtype, exact = low_precision_results(device, name, dtype)
     for got, reference_result, want in zip(actual, in_dtype, exact):
         assert got.dtype == dtype
@@ -220,10 +202,9 @@ def test_half_precision_no_worse_than_reference(device, name, dtype):
         assert max_error(got, want) <= max(max_error(reference_result, want), half_ulp) * 1.001
 
 
-@pytest.mark.parametrize("device,name", KERNELS, ids=KERNEL_IDS)
+@pytest.mark.parametrize("name", backends(REGISTRY, torch.float32))
 def test_float32_accuracy(device, name):
     """float32 inputs: loss and gradients within a few float32 epsilons of the float64 result."""
-    backend_or_skip(device, name, torch.float32)
     actual, _, exact = low_precision_results(device, name, torch.float32)
     for got, want in zip(actual, exact):
         assert got.dtype == torch.float32
@@ -231,10 +212,9 @@ def test_float32_accuracy(device, name):
             assert max_error(got, want) <= 8 * torch.finfo(torch.float32).eps * want.abs().max().item()
 
 
-@pytest.mark.parametrize("device,name", KERNELS, ids=KERNEL_IDS)
+@pytest.mark.parametrize("name", backends(REGISTRY, torch.float32))
 def test_float32_error_does_not_grow_with_length(device, name):
     """P in the millions: float32 sums stay at float32 accuracy where a running float32 sum does not."""
-    backend_or_skip(device, name, torch.float32)
     length = (1 << 22) + 4099
     generator = torch.Generator().manual_seed(1)
     target = torch.rand(1, length, generator=generator)
@@ -253,10 +233,9 @@ def test_float32_error_does_not_grow_with_length(device, name):
 
 @pytest.mark.filterwarnings("ignore:divide by zero:RuntimeWarning")  # the Triton interpreter's numpy divides 0 / 0 before the check
 @pytest.mark.parametrize("case", ["matrix_B3", "list_B3"])
-@pytest.mark.parametrize("device,name", BACKENDS, ids=BACKEND_IDS)
+@pytest.mark.parametrize("name", backends(REGISTRY, torch.float32, reference=True))
 def test_zero_denominator_raises(device, name, case):
     """Only trajectory 1 has start == target (in every tensor of a list): every backend names it."""
-    backend_or_skip(device, name, torch.float32)
     student, start, target = make_inputs(case, dtype=torch.float32, device=device, requires_grad=(False, False, False))
     for x, t in zip(*(arg if isinstance(arg, list) else [arg] for arg in (start, target))):
         x[1] = t[1]
@@ -264,9 +243,8 @@ def test_zero_denominator_raises(device, name, case):
         trajectory_mse(student.requires_grad_() if case == "matrix_B3" else student, start, target, batched=True, backend=name)
 
 
-@pytest.mark.parametrize("device,name", KERNELS, ids=KERNEL_IDS)
+@pytest.mark.parametrize("name", backends(REGISTRY, torch.float32))
 def test_deterministic(device, name):
-    backend_or_skip(device, name, torch.float32)
     args = make_inputs("list_B3", dtype=torch.float32, device=device)
     first, first_grads = loss_and_grads(args, backend=name, reduction="mean", batched=True)
     second, second_grads = loss_and_grads(args, backend=name, reduction="mean", batched=True)
@@ -282,7 +260,7 @@ def test_auto_prefers_the_compiled_cpu_kernel():
 def test_module_twin():
     args = make_inputs("list_B3")
     module = TrajectoryMSE(reduction="none", batched=True, backend="torch")
-    torch.testing.assert_close(module(*args), trajectory_mse(*args, reduction="none", batched=True), rtol=1e-13, atol=0)
+    assert_close(module(*args), trajectory_mse(*args, reduction="none", batched=True), rtol=1e-13, atol=0)
     assert "reduction='none'" in repr(module)
     with pytest.raises(ValueError, match="reduction"):
         TrajectoryMSE(reduction="max")
@@ -298,7 +276,7 @@ def test_functional_call_parameters_train():
     assert out.shape == (2, 3)
     loss = trajectory_mse(list(params.values()), start, target)  # a list is one trajectory by default
     loss.backward()
-    torch.testing.assert_close(loss, torch.tensor(0.25), rtol=1e-5, atol=0)
+    assert_close(loss, torch.tensor(0.25), rtol=1e-5, atol=0)
     assert all(p.grad is not None and p.grad.shape == p.shape for p in params.values())
 
 
@@ -354,14 +332,28 @@ def test_bad_tensor_forms_and_options():
         trajectory_mse(y, y + 1, y, backend="cuda")
 
 
-def test_registered_operators_pass_opcheck():
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_registered_operators_pass_opcheck(reduction):
     student, start, target = make_inputs("list_B3", dtype=torch.float32, requires_grad=(True, False, True))
     name = "cpu" if REGISTRY.problem("cpu", torch.device("cpu"), torch.float32) is None else "torch"
-    torch.library.opcheck(torch.ops.ddfast.trajectory_mse_forward.default, (student, start, target, 3, name))
+    torch.library.opcheck(torch.ops.ddfast.trajectory_mse_forward.default, (student, start, target, 3, reduction, name))
     detached = [[x.detach() for x in arg] for arg in (student, start, target)]
-    loss, den, exponent = torch.ops.ddfast.trajectory_mse_forward(*detached, 3, name)
+    _, per_trajectory, den, exponent = torch.ops.ddfast.trajectory_mse_forward(*detached, 3, reduction, name)
     needs = [True] * 5 + [False] * 5 + [False, True, False, True, True]
-    torch.library.opcheck(torch.ops.ddfast.trajectory_mse_backward.default, (torch.ones(3), loss, den, exponent, *detached, needs, name))
+    torch.library.opcheck(torch.ops.ddfast.trajectory_mse_backward.default,
+                          (torch.ones(3), per_trajectory, den, exponent, *detached, needs, name))
+
+
+def test_backends_share_the_protocol():
+    """Each compiled backend's module, as REGISTRY loads it, defines streaming's functions with its signatures."""
+    modules = {"cpu": cpu, "cuda": cuda, "torch": streaming}
+    if REGISTRY.problem("triton", torch.device(DEVICE), torch.float32) is None:
+        from ddfast.ops.trajectory_mse import triton
+        modules["triton"] = triton
+    for name, module in modules.items():
+        assert REGISTRY.backends[name].load() is module
+        for function in ("forward", "backward"):
+            assert inspect.signature(getattr(module, function)) == inspect.signature(getattr(streaming, function)), (name, function)
 
 
 def test_torch_compile_fullgraph():
@@ -375,7 +367,7 @@ def test_torch_compile_fullgraph():
     compiled = torch.compile(step, fullgraph=True)
     loss = compiled(student, start, target)
     grads = torch.autograd.grad(loss, student)
-    torch.testing.assert_close(loss, step(student, start, target), rtol=1e-6, atol=0)
+    assert_close(loss, step(student, start, target), rtol=1e-6, atol=0)
     for got, want in zip(grads, eager):
         torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-12)
 
@@ -472,33 +464,31 @@ def grads_of(loss, weights, wanted):
 
 
 @pytest.mark.parametrize("case", list(LAYOUT_CASES))
-@pytest.mark.parametrize("device,name", BACKENDS, ids=BACKEND_IDS)
+@pytest.mark.parametrize("name", backends(REGISTRY, reference=True))
 def test_odd_layouts_match_reference(device, name, case):
     """Strided, transposed, expanded (stride 0), misaligned, 0-dim, mixed within a list: float64 loss and
     every leaf's gradient as the reference computes them on contiguous copies."""
-    backend_or_skip(device, name)
     args, batched, wanted = layout_inputs(case, device)
     copies = [[x.clone(memory_format=torch.contiguous_format) for x in arg] if isinstance(arg, list) else arg.clone() for arg in args]
     assert any(not x.is_contiguous() or x.storage_offset() for x in leaves(args) if x.dim())
     loss = trajectory_mse(*args, reduction="none", batched=batched, backend=name)
     expected = trajectory_mse(*copies, reduction="none", batched=batched, backend="reference")
-    torch.testing.assert_close(loss, expected, rtol=1e-13, atol=0)
+    assert_close(loss, expected, rtol=1e-13, atol=0)
     weights = weights_for("none", loss.numel(), device)
     for got, want in zip(grads_of(loss, weights, wanted), grads_of(expected, weights, wanted)):
         assert_close_tensors(got, want, rtol=1e-12)
 
 
-@pytest.mark.parametrize("device,name", BACKENDS, ids=BACKEND_IDS)
+@pytest.mark.parametrize("name", backends(REGISTRY, reference=True))
 def test_the_same_tensor_passed_twice(device, name):
     """One tensor twice in a list (tied weights) and as both student and target (loss 0, gradient 0)."""
-    backend_or_skip(device, name)
     generator = torch.Generator().manual_seed(4)
     tied, other, *fixed = (torch.rand(3, 257, generator=generator, dtype=torch.float64).to(device).requires_grad_(True) for _ in range(6))
     cases = [([tied, tied], [other, fixed[0]], [fixed[1], fixed[2]]), ([tied, other], fixed[:2], [tied, fixed[3]])]
     for student, start, target in cases:
         loss = trajectory_mse(student, start, target, reduction="sum", batched=True, backend=name)
         expected = trajectory_mse(student, start, target, reduction="sum", batched=True, backend="reference")
-        torch.testing.assert_close(loss, expected, rtol=1e-13, atol=0)
+        assert_close(loss, expected, rtol=1e-13, atol=0)
         for got, want in zip(torch.autograd.grad(loss, [tied, other]), torch.autograd.grad(expected, [tied, other])):
             assert_close_tensors(got, want, rtol=1e-12)
     same = trajectory_mse(tied, other, tied, reduction="none", backend=name)
@@ -507,10 +497,9 @@ def test_the_same_tensor_passed_twice(device, name):
     assert torch.equal(grad, torch.zeros_like(tied))
 
 
-@pytest.mark.parametrize("name", [n for n in REGISTRY.names() if n != "cuda"])
+@pytest.mark.parametrize("name", backends(REGISTRY, device="cpu", reference=True))
 def test_buffer_at_an_odd_byte_offset(name):
     """A tensor read from a byte buffer at an offset that is not a multiple of its element size."""
-    backend_or_skip("cpu", name)
     student, start, target = make_inputs("matrix_B3", requires_grad=(False, False, False))
     buffer = bytearray(student.numel() * 8 + 1)
     odd = torch.frombuffer(buffer, dtype=torch.float64, offset=1, count=student.numel()).view(student.shape)
@@ -519,18 +508,17 @@ def test_buffer_at_an_odd_byte_offset(name):
     odd.requires_grad_(True)
     loss = trajectory_mse(odd, start, target, backend=name)
     expected = reference.trajectory_mse(student.requires_grad_(True), start, target)
-    torch.testing.assert_close(loss, expected, rtol=1e-13, atol=0)
+    assert_close(loss, expected, rtol=1e-13, atol=0)
     assert_close_tensors(torch.autograd.grad(loss, odd)[0], torch.autograd.grad(expected, student)[0], rtol=1e-12)
 
 
 # ---- transforms --------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("form", ["tensor", "list"])
-@pytest.mark.parametrize("device,name", BACKENDS, ids=BACKEND_IDS)
+@pytest.mark.parametrize("name", backends(REGISTRY, reference=True))
 def test_vmap_matches_reference(device, name, form):
     """torch.func.vmap over 2 entries, the vmapped dimension in different places (and shared start):
     loss and the gradients of its weighted sum, against the reference entry by entry."""
-    backend_or_skip(device, name)
     generator = torch.Generator().manual_seed(5)
 
     def leaf(*shape):
@@ -545,7 +533,7 @@ def test_vmap_matches_reference(device, name, form):
         entry = lambda v: ([student[0][v], student[1][:, v]], start, [target[0][v], target[1][..., v]])
     loss = torch.func.vmap(lambda *args: trajectory_mse(*args, reduction="none", batched=True, backend=name), in_dims=in_dims)(student, start, target)
     expected = torch.stack([reference.trajectory_mse(*entry(v), reduction="none", batched=True) for v in range(2)])
-    torch.testing.assert_close(loss, expected, rtol=1e-13, atol=0)
+    assert_close(loss, expected, rtol=1e-13, atol=0)
     weights = torch.tensor([[1.0, -2.0, 0.5], [3.0, 1.0, -1.0]], dtype=torch.float64, device=device)
     wanted = leaves((student, start, target))
     for got, want in zip(grads_of(loss, weights, wanted), grads_of(expected, weights, wanted)):
@@ -576,11 +564,10 @@ def refused_transforms():
 
 @pytest.mark.parametrize("argument", ["student", "start", "target"])
 @pytest.mark.parametrize("transform", list(refused_transforms()))
-@pytest.mark.parametrize("device,name", KERNELS, ids=KERNEL_IDS)
+@pytest.mark.parametrize("name", backends(REGISTRY))
 def test_unsupported_transforms_are_refused(device, name, transform, argument):
     """Forward-mode AD (its tangent would come out 0), torch.func.grad / vjp / jacrev and double backward
     raise NotImplementedError naming the op, whichever input is differentiated."""
-    backend_or_skip(device, name)
     args = make_inputs("matrix_B1", device=device, requires_grad=(False, False, False))
     index = ("student", "start", "target").index(argument)
 
@@ -602,8 +589,8 @@ def test_reference_supports_every_transform():
     value, tangent = torch.func.jvp(f, tuple(student), tuple(tangents))
     leaves_ = [x.clone().requires_grad_(True) for x in student]
     grads = torch.autograd.grad(f(*leaves_), leaves_, create_graph=True)
-    torch.testing.assert_close(value, f(*student), rtol=0, atol=0)
-    torch.testing.assert_close(tangent, sum((g * v).sum() for g, v in zip(grads, tangents)), rtol=1e-12, atol=0)
+    assert_close(value, f(*student), rtol=0, atol=0)
+    assert_close(tangent, sum((g * v).sum() for g, v in zip(grads, tangents)), rtol=1e-12, atol=0)
     for got, want in zip(torch.func.grad(f, argnums=tuple(range(len(student))))(*student), grads):
         assert_close_tensors(got, want, rtol=1e-13)
     small = [torch.rand(2, 3, dtype=torch.float64, requires_grad=True) for _ in range(3)]
@@ -613,11 +600,10 @@ def test_reference_supports_every_transform():
         torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-14)
 
 
-@pytest.mark.parametrize("device,name", BACKENDS, ids=BACKEND_IDS)
+@pytest.mark.parametrize("name", backends(REGISTRY, reference=True))
 def test_unrolled_sgd_student_differentiates_to_the_data(device, name):
     """The MTT pattern: a student trained by unrolled SGD (create_graph=True) on learnable data, matched to
     a target, then one ordinary backward to the data; a first-order create_graph=True gradient works."""
-    backend_or_skip(device, name)
     generator = torch.Generator().manual_seed(6)
     images = torch.randn(8, 5, generator=generator, dtype=torch.float64).to(device).requires_grad_(True)
     labels = torch.randn(8, 3, generator=generator, dtype=torch.float64).to(device)
@@ -634,7 +620,7 @@ def test_unrolled_sgd_student_differentiates_to_the_data(device, name):
         return loss, first_order, torch.autograd.grad(loss, images)[0]
 
     (loss, first, grad), (expected, expected_first, expected_grad) = match(name), match("reference")
-    torch.testing.assert_close(loss, expected, rtol=1e-13, atol=0)
+    assert_close(loss, expected, rtol=1e-13, atol=0)
     for got, want in zip(first, expected_first):
         assert_close_tensors(got, want, rtol=1e-12)
     assert_close_tensors(grad, expected_grad, rtol=1e-11)
@@ -646,11 +632,10 @@ def test_unrolled_sgd_student_differentiates_to_the_data(device, name):
 @pytest.mark.parametrize("value", [float("nan"), float("inf"), float("-inf")], ids=["nan", "inf", "-inf"])
 @pytest.mark.parametrize("argument", ["student", "start", "target"])
 @pytest.mark.parametrize("case", ["matrix_B3", "list_B3"])
-@pytest.mark.parametrize("device,name", BACKENDS, ids=BACKEND_IDS)
+@pytest.mark.parametrize("name", backends(REGISTRY, torch.float32, reference=True))
 def test_non_finite_values_raise_naming_the_argument(device, name, case, argument, value):
     """One nan / inf in one trajectory of one argument: a ValueError naming it, never a loss (an inf in
     start gave 0, in student inf, a nan nan)."""
-    backend_or_skip(device, name, torch.float32)
     args = make_inputs(case, dtype=torch.float32, device=device, requires_grad=(False, False, False))
     poisoned = args[("student", "start", "target").index(argument)]
     (poisoned[2] if isinstance(poisoned, list) else poisoned)[1, 17] = value
@@ -668,12 +653,11 @@ EXTREMES = {"1e20": 1e20, "near float32 max": 1e38, "1e-30": 1e-30, "1e-41 (subn
 @pytest.mark.filterwarnings("ignore:overflow encountered:RuntimeWarning")  # the Triton interpreter's numpy, before rescaling
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("magnitude", list(EXTREMES))
-@pytest.mark.parametrize("device,name", BACKENDS, ids=BACKEND_IDS)
+@pytest.mark.parametrize("name", backends(REGISTRY, torch.float32, reference=True))
 def test_extreme_finite_values_match_float64(device, name, magnitude, dtype):
     """Trajectories 0 and 2 scaled to magnitudes whose squares (or differences) leave float32's range,
     trajectory 1 not: the loss and its gradients as float64 computes them from the same values (they
     do not become inf, nan or 0, nor raise)."""
-    backend_or_skip(device, name, dtype)
     if magnitude == "1e-41 (subnormal)" and dtype == torch.bfloat16:
         pytest.skip("bfloat16 keeps two significant bits of such subnormals: a zero denominator is likely")
     scale = torch.tensor([EXTREMES[magnitude], 1.0, EXTREMES[magnitude]], dtype=torch.float64).unsqueeze(1)
@@ -687,7 +671,7 @@ def test_extreme_finite_values_match_float64(device, name, magnitude, dtype):
     loss, grads = loss_and_grads(args, backend=name, reduction="none", batched=True, weights=weights.to(device, dtype))
     exact, exact_grads = loss_and_grads(exact_args, backend="reference", reduction="none", batched=True, weights=weights)
     bound = 8 * torch.finfo(torch.float32).eps if dtype == torch.float32 else torch.finfo(dtype).eps
-    torch.testing.assert_close(loss.double().cpu(), exact, rtol=bound, atol=0)
+    assert_close(loss.double().cpu(), exact, rtol=bound, atol=0)
     check_grads = magnitude != "1e-41 (subnormal)"  # their gradients (about 1e41) overflow float32
     spacing = torch.finfo(dtype).smallest_normal * torch.finfo(dtype).eps  # of dtype's subnormals: near float32's max,
     for got, want in zip(grads, exact_grads) if check_grads else ():  # gradients are about 1e-41
@@ -697,15 +681,14 @@ def test_extreme_finite_values_match_float64(device, name, magnitude, dtype):
 
 
 @pytest.mark.parametrize("magnitude", [1e200, 1e-200], ids=["1e200", "1e-200"])
-@pytest.mark.parametrize("device,name", BACKENDS, ids=BACKEND_IDS)
+@pytest.mark.parametrize("name", backends(REGISTRY, reference=True))
 def test_float64_extremes_are_scale_invariant(device, name, magnitude):
     """float64 squares overflow / underflow: loss(m x) equals loss(x) and its gradient is gradient(x) / m."""
-    backend_or_skip(device, name)
     args = make_inputs("list_B3", device=device)
     expected, expected_grads = loss_and_grads(args, backend="reference", reduction="none", batched=True, weights=weights_for("none", 3, device))
     scaled_args = [[(x.detach() * magnitude).requires_grad_(True) for x in arg] for arg in args]
     loss, grads = loss_and_grads(scaled_args, backend=name, reduction="none", batched=True, weights=weights_for("none", 3, device))
-    torch.testing.assert_close(loss, expected, rtol=1e-13, atol=0)
+    assert_close(loss, expected, rtol=1e-13, atol=0)
     for got, want in zip(grads, expected_grads):
         assert_close_tensors(got * magnitude, want, rtol=1e-12)
 
@@ -714,8 +697,9 @@ def test_scaled_trajectories_pass_opcheck():
     """The operators on a trajectory summed scaled (its squares overflow float32)."""
     student, start, target = ([x * 1e20 for x in arg] for arg in make_inputs("list_B3", dtype=torch.float32, requires_grad=(False,) * 3))
     name = "cpu" if REGISTRY.problem("cpu", torch.device("cpu"), torch.float32) is None else "torch"
-    torch.library.opcheck(torch.ops.ddfast.trajectory_mse_forward.default, (student, start, target, 3, name))
-    loss, den, exponent = torch.ops.ddfast.trajectory_mse_forward(student, start, target, 3, name)
+    torch.library.opcheck(torch.ops.ddfast.trajectory_mse_forward.default, (student, start, target, 3, "none", name))
+    _, per_trajectory, den, exponent = torch.ops.ddfast.trajectory_mse_forward(student, start, target, 3, "none", name)
     assert exponent.abs().min() > 0 and torch.isfinite(den).all()
     needs = [True] * 5 + [False] * 5 + [True] * 5
-    torch.library.opcheck(torch.ops.ddfast.trajectory_mse_backward.default, (torch.ones(3), loss, den, exponent, student, start, target, needs, name))
+    torch.library.opcheck(torch.ops.ddfast.trajectory_mse_backward.default,
+                          (torch.ones(3), per_trajectory, den, exponent, student, start, target, needs, name))

@@ -1,20 +1,16 @@
-"""Backend "cpu": the compiled C++ kernel of ``csrc/trajectory_mse/trajectory_mse_cpu.cpp``.
-
-Its operators ``forward`` / ``backward`` have the contract of :mod:`.streaming`, on CPU tensors.
-"""
+"""Backend "cpu": the protocol of :mod:`.streaming` over ``csrc/trajectory_mse/trajectory_mse_cpu.cpp``, on CPU tensors."""
 
 from __future__ import annotations
 
-from ddfast import _extension
+import torch
 
-EXTENSION = "trajectory_mse_cpu"
-
-
-def missing() -> str | None:
-    """Why the kernel cannot run here (it is built on first use), or ``None``."""
-    return _extension.missing(EXTENSION)
+from ... import _extension
 
 
-def operators():
-    """``torch.ops.ddfast_trajectory_mse_cpu``: ``forward`` and ``backward``."""
-    return _extension.load(EXTENSION)
+def forward(student: list[torch.Tensor], start: list[torch.Tensor], target: list[torch.Tensor], trajectories: int) -> tuple[torch.Tensor, torch.Tensor]:
+    return _extension.load("trajectory_mse_cpu").forward(student, start, target, trajectories)
+
+
+def backward(grad: torch.Tensor, loss: torch.Tensor, den: torch.Tensor, student: list[torch.Tensor], start: list[torch.Tensor],
+             target: list[torch.Tensor], needs: list[bool]) -> list[torch.Tensor]:
+    return _extension.load("trajectory_mse_cpu").backward(grad, loss, den, student, start, target, needs)

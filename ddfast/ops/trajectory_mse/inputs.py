@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import torch
 
-from ddfast import _checks
+from ... import _checks
 
 NAMES = ("student", "start", "target")
 

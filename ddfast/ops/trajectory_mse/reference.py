@@ -12,10 +12,11 @@ from __future__ import annotations
 
 import torch
 
-from ddfast import _checks
-from ddfast._backends import accumulation_dtype
-from ddfast.ops.trajectory_mse import values
-from ddfast.ops.trajectory_mse.inputs import as_lists, rows
+from ... import _checks
+from ..._backends import accumulation_dtype
+from .._reduction import reduce
+from . import values
+from .inputs import as_lists, rows
 
 
 def trajectory_mse(student, start, target, *, reduction: str = "mean", batched: bool | None = None) -> torch.Tensor:
@@ -37,11 +38,3 @@ def per_trajectory(student: list[torch.Tensor], start: list[torch.Tensor], targe
     values.check_values(maxima, denominator.detach())
     return numerator / denominator
 
-
-def reduce(loss: torch.Tensor, reduction: str) -> torch.Tensor:
-    """``mean`` / ``sum`` over trajectories, or the (B,) vector for ``none``."""
-    if reduction == "mean":
-        return loss.mean()
-    if reduction == "sum":
-        return loss.sum()
-    return loss

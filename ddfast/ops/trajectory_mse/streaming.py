@@ -1,14 +1,18 @@
 """Backend "torch": the fused pass in plain torch, a block of columns at a time, on any device.
 
-Every backend has this contract. Inputs: three lists of contiguous tensors of one dtype, tensor i
-seen as a (B, n_i) matrix (see :mod:`.inputs`). ``forward(student, start, target, B)`` returns
-``(num, den)``, the (B,) sums ``||student_b - target_b||^2`` and ``||start_b - target_b||^2``, in the
-accumulation dtype (float32, or float64 for float64 inputs); the operator checks them and divides.
-``backward(grad, loss, den, student, start, target, needs)`` takes the upstream (B,) gradient of
-``loss = num / den`` and ``needs``, 3n flags (student's tensors, then start's, then target's), and returns the
-flagged gradients in that order, shaped like the inputs, in their dtype. With
-``a = 2 grad / den`` and ``c = a * loss``: ``d student = a (student - target)``,
-``d start = -c (start - target)``, ``d target = -(d student + d start)``.
+The backend protocol, which every backend module (``streaming``, ``cpu``, ``triton``, ``cuda``)
+defines with these names and signatures. Inputs: three lists of contiguous tensors of one dtype,
+tensor i seen as a (B, n_i) matrix (see :mod:`.inputs`).
+
+- ``forward(student, start, target, trajectories) -> (num, den)``: the (B,) sums
+  ``||student_b - target_b||^2`` and ``||start_b - target_b||^2``, in the accumulation dtype
+  (float32, or float64 for float64 inputs); the operator checks them and divides.
+- ``backward(grad, loss, den, student, start, target, needs) -> list``: given ``grad``, the (B,)
+  gradient of ``loss = num / den`` (both in the accumulation dtype), and ``needs``, 3n flags
+  (student's tensors, then start's, then target's), the flagged gradients in that order, shaped
+  like the inputs, in their dtype. With ``a = 2 grad / den`` and ``c = a * loss``:
+  ``d student = a (student - target)``, ``d start = -c (start - target)``,
+  ``d target = -(d student + d start)``.
 
 Here temporaries hold at most ``B * COLUMNS`` elements; every block's sums are float32 (torch's
 pairwise reductions) and the blocks' partials are added pairwise too, so the error does not grow
@@ -19,8 +23,8 @@ from __future__ import annotations
 
 import torch
 
-from ddfast._backends import accumulation_dtype
-from ddfast.ops.trajectory_mse.inputs import rows
+from ..._backends import accumulation_dtype
+from .inputs import rows
 
 COLUMNS = 1 << 16
 

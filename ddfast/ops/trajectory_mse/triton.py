@@ -1,6 +1,6 @@
 """Backend "triton": one launch over all parameter tensors, through a table of their addresses.
 
-Contract as in :mod:`.streaming`. The table (int64, on the inputs' device) holds, for n tensors of
+The protocol of :mod:`.streaming`. The table (int64, on the inputs' device) holds, for n tensors of
 row lengths n_i: ``chunk_end[i]`` (cumulative count of CHUNK-element chunks per row), ``n_i``, then
 the addresses of the student, start and target tensors (and, in backward, of the gradient outputs,
 0 where a gradient is not wanted). Program ``w`` of the grid of B * K (K chunks per row) handles
@@ -16,8 +16,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ddfast._backends import triton_interpreted
-from ddfast._backends import accumulation_dtype
+from ..._backends import accumulation_dtype, triton_interpreted
 
 CHUNK = 4096  # elements of one row handled by one program
 BLOCK = 1024  # elements per step inside a program

@@ -17,8 +17,9 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ddfast._backends import accumulation_dtype
-from ddfast.ops.trajectory_mse.inputs import NAMES, rows
+from ... import _checks
+from ..._backends import accumulation_dtype
+from .inputs import NAMES, rows
 
 # |exponent| of the power-of-two scale, at most what the scaled dtype holds exactly (float16 needs no
 # scale: float32 sums of its squares can neither overflow nor underflow)
@@ -37,10 +38,8 @@ def row_maxima(student: list[Tensor], start: list[Tensor], target: list[Tensor],
 
 def check_finite(maxima: Tensor) -> None:
     """Raise ``ValueError`` naming the first argument whose :func:`row_maxima` are not finite."""
-    finite = torch.isfinite(maxima).all(dim=1).tolist()
-    for name, ok in zip(NAMES, finite):
-        if not ok:
-            raise ValueError(f"{name} contains non-finite values (nan or inf)")
+    for name, per_trajectory in zip(NAMES, maxima):
+        _checks.finite(name, per_trajectory)
 
 
 def check_denominator(denominator: Tensor) -> None:
