@@ -23,7 +23,8 @@ if __package__ in (None, ""):  # run as ``python benchmarks/run.py``: import fro
 import torch
 from tqdm import tqdm
 
-from benchmarks import case, device as machine, harness, ops, report
+from benchmarks import case, harness, ops, report
+from benchmarks import device as machine
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"

@@ -1,6 +1,5 @@
 """Regression timings of cmi_loss (see conftest.py)."""
 
-from benchmarks import cmi as OP
 
 SHAPES = {"cpu": {"N": 10_000, "K": 512}, "cuda": {"N": 200_000, "K": 512}}
 

@@ -1,6 +1,5 @@
 """Regression timings of infonce (see conftest.py)."""
 
-from benchmarks import infonce as OP
 
 SHAPES = {"cpu": {"N": 1000, "M": 10_000, "D": 256}, "cuda": {"N": 1000, "M": 200_000, "D": 512}}
 

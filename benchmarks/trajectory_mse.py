@@ -12,7 +12,7 @@ import math
 import torch
 
 import ddfast
-from ddfast.ops.trajectory_mse import REGISTRY, reference
+from ddfast.ops.trajectory_mse import reference
 
 from .ops import Inputs, Work
 

@@ -24,7 +24,8 @@ if __package__ in (None, ""):  # run as ``python benchmarks/unroll_memory.py``: 
 
 import torch
 
-from benchmarks import device as machine, harness
+from benchmarks import device as machine
+from benchmarks import harness
 from ddfast import trajectory_mse
 from ddfast.distill.training.augment import DSA
 from ddfast.distill.training.models import ConvNet

@@ -2,9 +2,9 @@ import math
 
 import pytest
 import torch
+from loops_support import one_thread  # noqa: F401  (autouse)
 
 from ddfast.distill.training.augment import DSA, OPERATIONS, DSAConfig
-from loops_support import one_thread  # noqa: F401  (autouse)
 
 
 def only(op: str, **settings) -> DSA:

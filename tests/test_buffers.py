@@ -4,13 +4,13 @@ import dataclasses
 
 import pytest
 import torch
+from loops_support import mnist_root, one_thread, tiny_config  # noqa: F401  (one_thread: autouse)
 
 import ddfast.distill.training.buffers as buffers
 from ddfast.distill import load_data
 from ddfast.distill.runner import data_key
 from ddfast.distill.training.buffers import ExpertBuffer, ExpertSpec, buffer_meta, parse_shard, train_experts
 from ddfast.distill.training.models import ModelSpec
-from loops_support import mnist_root, one_thread, tiny_config  # noqa: F401  (one_thread: autouse)
 
 MODEL = ModelSpec(width=8, depth=2)
 SPEC = ExpertSpec(experts=2, epochs=2, batch_size=64)

@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from loops_support import mnist_root, one_thread  # noqa: F401  (one_thread: autouse)
 
 from ddfast.distill.cli import main
-from loops_support import mnist_root, one_thread  # noqa: F401  (one_thread: autouse)
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = [
@@ -217,8 +217,8 @@ def test_a_refused_start_keeps_an_existing_run(tmp_path, monkeypatch, capsys):
 
 
 def synthetic_set(path: Path, settings: dict) -> None:
-    from ddfast.distill.training.data import dataset_info
     from ddfast.distill.outputs import save_synthetic
+    from ddfast.distill.training.data import dataset_info
 
     save_synthetic(path, torch.zeros(20, 1, 28, 28), torch.arange(10).repeat_interleave(2), dataset_info("mnist"), settings, iteration=3, eval_lr=None)
 

@@ -1,9 +1,9 @@
 import numpy as np
 import pytest
 import torch
+from loops_support import mnist_root, one_thread  # noqa: F401  (one_thread: autouse)
 
 from ddfast.distill.training import data
-from loops_support import mnist_root, one_thread  # noqa: F401  (one_thread: autouse)
 
 
 def test_data_root_precedence(monkeypatch, tmp_path):

@@ -2,10 +2,10 @@ import dataclasses
 
 import pytest
 import torch
+from loops_support import mnist_root, one_thread, tiny_config, tiny_pretrain  # noqa: F401  (one_thread: autouse)
 
 from ddfast.distill import CMIConfig, CMIRegularizer, checkpoint, cmi_regularizer, preset, run
 from ddfast.distill.training.models import ConvNet
-from loops_support import mnist_root, one_thread, tiny_config, tiny_pretrain  # noqa: F401  (one_thread: autouse)
 
 
 def test_config_validation():

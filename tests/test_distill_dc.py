@@ -1,11 +1,11 @@
 import pytest
 import torch
 import torch.nn.functional as F
+from loops_support import one_thread  # noqa: F401  (autouse)
 
 from ddfast.distill import preset
 from ddfast.distill.dc import GradientMatchingOptions, gradient_distance, matching_loss
 from ddfast.distill.training.models import ConvNet
-from loops_support import one_thread  # noqa: F401  (autouse)
 
 
 def test_gradient_distance_is_one_minus_cosine_per_output_row():

@@ -1,9 +1,9 @@
 import pytest
 import torch
+from loops_support import one_thread  # noqa: F401  (autouse)
 
 from ddfast.distill import preset
 from ddfast.distill.dm import mean_embedding_distance
-from loops_support import one_thread  # noqa: F401  (autouse)
 
 
 def test_mean_embedding_distance():

@@ -4,11 +4,11 @@ the images and the heads, and its bank is refreshed on schedule, reproducibly.""
 import pytest
 import torch
 import torch.nn.functional as F
+from loops_support import one_thread  # noqa: F401  (autouse)
 
 from ddfast.distill import MIMConfig, MIMRegularizer
 from ddfast.distill.training.data import RealData, Split, dataset_info
 from ddfast.distill.training.models import ConvNet
-from loops_support import one_thread  # noqa: F401  (autouse)
 
 
 def fake_data(n_per_class=6, classes=10):

@@ -6,13 +6,13 @@ import json
 
 import pytest
 import torch
+from loops_support import mnist_root, one_thread, tiny_config, tiny_pretrain  # noqa: F401  (one_thread: autouse)
 
 from ddfast.distill import MIMConfig, checkpoint, preset, run
 from ddfast.distill.bptt import BPTTOptions
 from ddfast.distill.mtt import UPSTREAM, MTTOptions
 from ddfast.distill.outputs import load_synthetic
 from ddfast.distill.training.buffers import ExpertSpec
-from loops_support import mnist_root, one_thread, tiny_config, tiny_pretrain  # noqa: F401  (one_thread: autouse)
 
 # One expert and one start epoch, every synthetic image in each step, no augmentation: the MTT loss is
 # then a function of the images alone, so its history shows whether the images improve.
@@ -66,8 +66,8 @@ def test_bptt_lowers_its_outer_loss(finished):
     config, out, _, _ = finished["bptt"]
     from ddfast.distill import load_data
     from ddfast.distill.method import SyntheticSet
-    from ddfast.distill.unroll import Student
     from ddfast.distill.training.seeding import derive_seed, seeded
+    from ddfast.distill.unroll import Student
 
     data = load_data(config)
 

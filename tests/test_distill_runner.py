@@ -6,6 +6,7 @@ import json
 
 import pytest
 import torch
+from loops_support import mnist_root, one_thread, tiny_config  # noqa: F401  (one_thread: autouse)
 from PIL import Image
 
 from ddfast.distill import METHODS, Method, checkpoint, load_data, run
@@ -13,7 +14,6 @@ from ddfast.distill.dc import matching_loss
 from ddfast.distill.dm import mean_embedding_distance
 from ddfast.distill.outputs import load_synthetic
 from ddfast.distill.training.seeding import seeded
-from loops_support import mnist_root, one_thread, tiny_config  # noqa: F401  (one_thread: autouse)
 
 LOOPS = ["dm", "dc", "dsa"]
 

@@ -1,8 +1,9 @@
 import json
 
+from loops_support import mnist_root, one_thread, tiny_config  # noqa: F401  (one_thread: autouse)
+
 from ddfast.distill import sweep
 from ddfast.distill.dm import DM
-from loops_support import mnist_root, one_thread, tiny_config  # noqa: F401  (one_thread: autouse)
 
 
 def test_sweep_chooses_on_validation_and_tests_only_the_winner(tmp_path, monkeypatch):
@@ -27,6 +28,7 @@ def test_sweep_chooses_on_validation_and_tests_only_the_winner(tmp_path, monkeyp
 
 def test_sweep_checks_every_value_before_the_first_run(tmp_path, monkeypatch):
     import pytest
+
     import ddfast.distill.runner as runner
 
     def load_data(*args, **kwargs):

@@ -2,11 +2,11 @@
 
 import pytest
 import torch
+from loops_support import one_thread  # noqa: F401  (autouse)
 
 from ddfast.distill.training.augment import DSA
 from ddfast.distill.training.models import ConvNet
 from ddfast.distill.unroll import Student, StudentOptions
-from loops_support import one_thread  # noqa: F401  (autouse)
 
 
 def setup(batch_size=7, dsa=True):

@@ -2,12 +2,12 @@ import dataclasses
 
 import pytest
 import torch
+from loops_support import one_thread  # noqa: F401  (autouse)
 
 from ddfast.distill.training.data import DatasetInfo, RealData, Split
 from ddfast.distill.training.evaluate import EvalProtocol, evaluate, evaluate_with_baseline, random_real
 from ddfast.distill.training.loop import accuracy, train_network
 from ddfast.distill.training.models import ModelSpec
-from loops_support import one_thread  # noqa: F401  (autouse)
 
 INFO = DatasetInfo("mnist", 1, 28, 10, (0.1307,), (0.3081,), "MNIST")
 TINY = EvalProtocol(model=ModelSpec(width=8, depth=2), epochs=30, models=2)

@@ -253,6 +253,7 @@ def test_triton_kernels_compile_for_hopper(dtype, d):
     memory fits a block (the widest rows of each dtype, and a small odd width)."""
     pytest.importorskip("triton")
     import hopper
+
     from ddfast.ops.infonce.triton import _config
 
     config = _config(d, dtype)

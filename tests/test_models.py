@@ -1,9 +1,9 @@
 import pytest
 import torch
+from loops_support import one_thread  # noqa: F401  (autouse)
 from torch import nn
 
 from ddfast.distill.training.models import ConvNet, ModelSpec, ResNet18
-from loops_support import one_thread  # noqa: F401  (autouse)
 
 
 @pytest.mark.parametrize("channels, size", [(1, 28), (3, 32)])

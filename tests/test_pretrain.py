@@ -2,10 +2,10 @@ import dataclasses
 
 import pytest
 import torch
+from loops_support import mnist_root, one_thread, tiny_config, tiny_pretrain  # noqa: F401  (one_thread: autouse)
 
 import ddfast.distill.training.pretrain as pretrain
 from ddfast.distill import load_data
-from loops_support import mnist_root, one_thread, tiny_config, tiny_pretrain  # noqa: F401  (one_thread: autouse)
 
 
 def test_pool_is_trained_once_then_loaded(tmp_path, monkeypatch, capsys):

@@ -8,7 +8,6 @@ import itertools
 import numpy as np
 import pytest
 import torch
-
 from ops_support import DEVICE, assert_close, backends
 
 from benchmarks.trajectory_mse import convnet_shapes, resnet18_shapes
@@ -384,6 +383,7 @@ def test_triton_kernels_compile_for_hopper(dtype):
     """Every Triton kernel, with the backend's launch options, lowers to sm_90 code whose shared memory fits."""
     pytest.importorskip("triton")
     import hopper
+
     from ddfast.ops.trajectory_mse import triton as kernels
 
     acc_name = "fp64" if dtype == torch.float64 else "fp32"

@@ -40,8 +40,8 @@ def load_synthetic(path: str | os.PathLike) -> dict:
 
 
 def _check_synthetic(state: dict, path: Path) -> None:
-    from .settings import from_dict
     from .config import DistillConfig
+    from .settings import from_dict
 
     try:
         config = from_dict(DistillConfig, state["settings"])
