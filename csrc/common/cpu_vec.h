@@ -1,4 +1,5 @@
-// ATen's SIMD vector types for ddfast's CPU kernels.
+// ATen's SIMD vector types for ddfast's CPU kernels, at the width the building machine supports, and
+// the lane reductions that more than one kernel family uses.
 //
 // ATen picks the vector width from CPU_CAPABILITY_* macros that its own build sets per translation
 // unit; an extension must set them itself or it gets the scalar fallback. ddfast's extensions are
@@ -14,9 +15,30 @@
 #endif
 #endif
 
+#include <ATen/cpu/vec/functional.h>
 #include <ATen/cpu/vec/vec.h>
 
+#include <array>
+#include <numeric>
+
 namespace ddfast {
+
 template <typename T>
 using Vec = at::vec::Vectorized<T>;
+
+// v's lanes, lane 0 first.
+template <typename T>
+std::array<T, Vec<T>::size()> lanes(const Vec<T>& v) {
+  std::array<T, Vec<T>::size()> values;
+  v.store(values.data());
+  return values;
+}
+
+// The sum of v's lanes, added one by one from lane 0.
+template <typename T>
+T lane_sum(const Vec<T>& v) {
+  const auto values = lanes(v);
+  return std::accumulate(values.begin(), values.end(), T(0));
+}
+
 }  // namespace ddfast
