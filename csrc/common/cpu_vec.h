@@ -4,8 +4,13 @@
 // ATen picks the vector width from CPU_CAPABILITY_* macros that its own build sets per translation
 // unit; an extension must set them itself or it gets the scalar fallback. ddfast's extensions are
 // compiled for the building machine (-march, see ddfast/_extension.py), so the compiler's target
-// macros tell which instruction set is safe to use.
+// macros tell which instruction set is safe to use. This header must therefore come before any of
+// ATen's vector headers (ATen/cpu/vec/...), which it includes itself.
 #pragma once
+
+#if defined(VECTOR_WIDTH)
+#error "common/cpu_vec.h must be included before ATen's vector headers, which fix the vector width"
+#endif
 
 #if !defined(CPU_CAPABILITY_AVX512) && !defined(CPU_CAPABILITY_AVX2)
 #if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512DQ__) && defined(__AVX512VL__)
