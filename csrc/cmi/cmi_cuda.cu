@@ -2,11 +2,11 @@
 //
 // Row kernels give one warp to each row: lanes stride over the columns (coalesced), keep an online
 // (max, sum) or a partial sum, and combine them with __shfl_xor_sync; every lane ends with the same
-// value (the normaliser is broadcast from lane 0, sums agree in every lane already). Per-class reductions give one block to each chunk of at
-// most kChunkRows rows of one class (ddfast/ops/cmi/segments.py): its warps first compute the
-// rows' softmax normalisers, then each thread reduces one column over the chunk's rows; a combine
-// kernel reduces each class's chunks in order. No atomics: results are deterministic. Contract in
-// cmi_ops.h.
+// value (the normaliser is broadcast from lane 0, sums agree in every lane already). Per-class
+// reductions give one block to each chunk of at most kChunkRows rows of one class
+// (ddfast/ops/cmi/segments.py): its warps first compute the rows' softmax normalisers, then each
+// thread reduces one column over the chunk's rows; a combine kernel reduces each class's chunks in
+// order. No atomics: results are deterministic. Contract in cmi_ops.h.
 
 #include <ATen/Dispatch.h>
 #include <ATen/core/Tensor.h>

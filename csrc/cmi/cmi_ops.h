@@ -9,8 +9,8 @@
 // order[start[j]:end[j]], all of class cls[j]; class c owns chunks first[c]:first[c+1]. Every
 // reduction runs in a fixed order, so results depend neither on thread counts nor on scheduling.
 //
-// Kernels (inputs contiguous; features float / double / bfloat16 / half; acc = double for double
-// inputs, float otherwise; index tensors int64):
+// Kernels (inputs contiguous; features float / double / bfloat16 / half; acc = the accumulation
+// type of common/accumulate.h; index tensors int64):
 //   row_norm(features, inv_t) -> norm (N, 2) acc; norm[i, 1] is nan when row i holds a nan or an inf
 //   chunk_norm(features, order, start, end, inv_t) -> (norm (N, 2) acc as row_norm's, partial (M, K) acc)
 //       partial[j, k] = logsumexp of x_ik over the rows i of chunk j
