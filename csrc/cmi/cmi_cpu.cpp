@@ -1,17 +1,20 @@
-// CMI kernels for CPU tensors (contract in cmi_ops.h): at::parallel_for over rows or class chunks,
-// ATen's Vectorized exp/log; each chunk's rows are buffered in the accumulation dtype.
+// cmi on the CPU: at::parallel_for over rows or class chunks, ATen's Vectorized exp / log.
+//
+// Each chunk's rows are buffered in the accumulation type. Contract in cmi_ops.h.
+
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <cmath>
 #include <limits>
 #include <optional>
-#include <type_traits>
 #include <vector>
 
 #include "cmi/cmi_ops.h"
+#include "common/accumulate.h"
 #include "common/checks.h"
 #include "common/cpu_vec.h"
 
@@ -20,14 +23,8 @@ namespace {
 
 using at::Tensor;
 
-template <typename scalar_t>
-using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
-
 // Rows per parallel task for the row kernels: enough work per task for K values each.
 int64_t row_grain(int64_t k) { return std::max<int64_t>(1, 32768 / std::max<int64_t>(k, 1)); }
-
-template <typename T>
-constexpr T neg_inf() { return -std::numeric_limits<T>::infinity(); }
 
 // The vector at p, or its first n lanes with `fill` in the others when fewer than a vector remain.
 template <typename T>
@@ -42,22 +39,11 @@ void store_first(const Vec<T>& v, T* p, int64_t n) {
   else v.store(p, n);
 }
 
+// The largest of v's lanes (the first of equals, from lane 0).
 template <typename T>
-T lanes_sum(const Vec<T>& v) {
-  T lanes[Vec<T>::size()];
-  v.store(lanes);
-  T total = 0;
-  for (int64_t l = 0; l < Vec<T>::size(); ++l) total += lanes[l];
-  return total;
-}
-
-template <typename T>
-T lanes_max(const Vec<T>& v) {
-  T lanes[Vec<T>::size()];
-  v.store(lanes);
-  T best = lanes[0];
-  for (int64_t l = 1; l < Vec<T>::size(); ++l) best = std::max(best, lanes[l]);
-  return best;
+T lane_max(const Vec<T>& v) {
+  const auto values = lanes(v);
+  return *std::max_element(values.begin(), values.end());
 }
 
 // dst = src in the accumulation type.
@@ -77,12 +63,12 @@ void normaliser(const T* f, int64_t k, T inv_t, T* out) {
     const Vec<T> v = load_or(f + j, k - j, T(0));
     non_finite = non_finite + (v - v);
   }
-  const T top = lanes_max(m);
+  const T top = lane_max(m);
   const Vec<T> shift(top), scale(inv_t);
   Vec<T> s(0);
   for (int64_t j = 0; j < k; j += W) s = s + ((load_or(f + j, k - j, neg_inf<T>()) - shift) * scale).exp();
   out[0] = top;
-  out[1] = lanes_sum(non_finite) == T(0) ? std::log(lanes_sum(s)) : std::numeric_limits<T>::quiet_NaN();
+  out[1] = lane_sum(non_finite) == T(0) ? std::log(lane_sum(s)) : std::numeric_limits<T>::quiet_NaN();
 }
 
 // x[0:k] = (f - norm[0]) * inv_t - norm[1] in place: log P.
@@ -260,7 +246,7 @@ Tensor row_kl(const Tensor& features, const Tensor& labels, const Tensor& norm, 
           const Vec<T> p = xv.exp();
           total = total + Vec<T>::blendv(zero, p * (xv - load_or(q + j, k - j, T(0))), p > zero);
         }
-        out[i] = lanes_sum(total);
+        out[i] = lane_sum(total);
       }
     });
   });
@@ -332,7 +318,7 @@ Tensor row_grad(const Tensor& features, const Tensor& labels, const Tensor& norm
           Vec<T> total(0);
           for (int64_t j = 0; j < k; j += W)
             total = total + load_or(x.data() + j, k - j, neg_inf<T>()).exp() * load_or(ar + j, k - j, T(0));
-          through_centroid = lanes_sum(total);
+          through_centroid = lane_sum(total);
         }
         const Vec<T> weight(grad[i]), offset(row_kl[i]), scale(log_p.inv_t), extra(through_centroid);
         for (int64_t j = 0; j < k; j += W) {
@@ -352,7 +338,6 @@ Tensor row_grad(const Tensor& features, const Tensor& labels, const Tensor& norm
 }
 
 }  // namespace
+}  // namespace ddfast::cmi
 
 TORCH_LIBRARY(ddfast_cmi_cpu, m) { DDFAST_CMI_DEFINE_KERNELS(m); }
-
-}  // namespace ddfast::cmi

@@ -1,11 +1,13 @@
-// CMI kernels for CUDA tensors (contract in cmi_ops.h).
+// cmi on CUDA: one warp per row, one block per chunk of a class's rows.
 //
 // Row kernels give one warp to each row: lanes stride over the columns (coalesced), keep an online
-// (max, sum) or a partial sum, and combine them with __shfl_xor_sync; lane 0's result is broadcast
-// so that every lane uses the same value. Per-class reductions give one block to each chunk of at
-// most kChunkRows rows of one class (ddfast/ops/cmi/segments.py): its warps first compute the
-// rows' softmax normalisers, then each thread reduces one column over the chunk's rows; a combine
-// kernel reduces each class's chunks in order. No atomics: results are deterministic.
+// (max, sum) or a partial sum, and combine them with __shfl_xor_sync; every lane ends with the same
+// value (the normaliser is broadcast from lane 0, sums agree in every lane already). Per-class
+// reductions give one block to each chunk of at most kChunkRows rows of one class
+// (ddfast/ops/cmi/segments.py): its warps first compute the rows' softmax normalisers, then each
+// thread reduces one column over the chunk's rows; a combine kernel reduces each class's chunks in
+// order. No atomics: results are deterministic. Contract in cmi_ops.h.
+
 #include <ATen/Dispatch.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
@@ -21,27 +23,20 @@
 #include <limits>
 #include <optional>
 #include <tuple>
-#include <type_traits>
 
 #include "cmi/cmi_ops.h"
+#include "common/accumulate.h"
 #include "common/checks.h"
+#include "common/cuda_reduce.cuh"
 
 namespace ddfast::cmi {
 namespace {
 
 using at::Tensor;
 
-constexpr int kWarp = 32;
 constexpr int kThreads = 256;
-constexpr int kWarpsPerBlock = kThreads / kWarp;
+constexpr int kWarpsPerBlock = kThreads / kWarpSize;
 constexpr int64_t kChunkRows = 64;  // must match chunk_rows in ddfast/ops/cmi/cuda.py
-constexpr unsigned kFullMask = 0xffffffffu;
-
-template <typename scalar_t>
-using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
-
-template <typename T>
-__device__ __forceinline__ T neg_inf() { return -std::numeric_limits<T>::infinity(); }
 
 __device__ __forceinline__ float exp_(float x) { return ::expf(x); }
 __device__ __forceinline__ double exp_(double x) { return ::exp(x); }
@@ -79,19 +74,12 @@ struct Norm {
 // The normaliser of the warp's lanes' (m, s) states, the same value in every lane.
 template <typename T>
 __device__ __forceinline__ Norm<T> warp_norm(T m, T s, T inv_t) {
-  for (int offset = kWarp / 2; offset > 0; offset >>= 1) {
+  for (int offset = kWarpSize / 2; offset > 0; offset >>= 1) {
     const T m2 = __shfl_xor_sync(kFullMask, m, offset);
     const T s2 = __shfl_xor_sync(kFullMask, s, offset);
     lse_merge(m, s, m2, s2, inv_t);
   }
   return {__shfl_sync(kFullMask, m, 0), __shfl_sync(kFullMask, log_(s), 0)};
-}
-
-// The warp's sum of its lanes' values, the same value in every lane.
-template <typename T>
-__device__ __forceinline__ T warp_sum(T v) {
-  for (int offset = kWarp / 2; offset > 0; offset >>= 1) v += __shfl_xor_sync(kFullMask, v, offset);
-  return __shfl_sync(kFullMask, v, 0);
 }
 
 // The normaliser of row[0:k] / T, computed by one whole warp; its log_sum is nan when the row holds
@@ -100,7 +88,7 @@ template <typename scalar_t, typename T>
 __device__ Norm<T> row_normaliser(const scalar_t* row, int64_t k, T inv_t, int lane) {
   T m = neg_inf<T>(), s = 0;
   bool finite = true;
-  for (int64_t j = lane; j < k; j += kWarp) {
+  for (int64_t j = lane; j < k; j += kWarpSize) {
     const T x = static_cast<T>(row[j]);
     finite = finite && isfinite(x);
     lse_add(m, s, x, inv_t);
@@ -123,9 +111,9 @@ __device__ __forceinline__ Norm<T> load_norm(const T* norm, int64_t i) {
 
 template <typename scalar_t, typename T>
 __global__ void row_norm_kernel(const scalar_t* __restrict__ f, T* __restrict__ norm, int64_t n, int64_t k, T inv_t) {
-  const int64_t i = static_cast<int64_t>(blockIdx.x) * kWarpsPerBlock + threadIdx.x / kWarp;
+  const int64_t i = static_cast<int64_t>(blockIdx.x) * kWarpsPerBlock + threadIdx.x / kWarpSize;
   if (i >= n) return;  // whole warps leave together
-  const int lane = threadIdx.x % kWarp;
+  const int lane = threadIdx.x % kWarpSize;
   const Norm<T> value = row_normaliser(f + i * k, k, inv_t, lane);
   if (lane == 0) {
     norm[2 * i] = value.top;
@@ -142,7 +130,7 @@ __global__ void chunk_norm_kernel(const scalar_t* __restrict__ f, const int64_t*
   const int64_t first = start[c];
   const int64_t count = end[c] - first;
   CUDA_KERNEL_ASSERT(count <= kChunkRows);
-  const int warp = threadIdx.x / kWarp, lane = threadIdx.x % kWarp;
+  const int warp = threadIdx.x / kWarpSize, lane = threadIdx.x % kWarpSize;
   for (int64_t r = warp; r < count; r += kWarpsPerBlock) {
     const int64_t i = order[first + r];
     const Norm<T> value = row_normaliser(f + i * k, k, inv_t, lane);
@@ -188,14 +176,14 @@ __global__ void combine_kernel(const T* __restrict__ partial, const int64_t* __r
 template <typename scalar_t, typename T>
 __global__ void row_kl_kernel(const scalar_t* __restrict__ f, const int64_t* __restrict__ labels, const T* __restrict__ norm,
                               const T* __restrict__ log_q, T* __restrict__ kl, int64_t n, int64_t k, T inv_t) {
-  const int64_t i = static_cast<int64_t>(blockIdx.x) * kWarpsPerBlock + threadIdx.x / kWarp;
+  const int64_t i = static_cast<int64_t>(blockIdx.x) * kWarpsPerBlock + threadIdx.x / kWarpSize;
   if (i >= n) return;
-  const int lane = threadIdx.x % kWarp;
+  const int lane = threadIdx.x % kWarpSize;
   const scalar_t* values = f + i * k;
   const T* q = log_q + labels[i] * k;
   const Norm<T> row = load_norm(norm, i);
   T total = 0;
-  for (int64_t j = lane; j < k; j += kWarp) {
+  for (int64_t j = lane; j < k; j += kWarpSize) {
     const T x = log_p(values[j], inv_t, row);
     const T p = exp_(x);
     if (p > T(0)) total += p * (x - q[j]);
@@ -225,9 +213,9 @@ template <typename scalar_t, typename T>
 __global__ void row_grad_kernel(const scalar_t* __restrict__ f, const int64_t* __restrict__ labels, const T* __restrict__ norm,
                                 const T* __restrict__ log_q, const T* __restrict__ kl, const T* __restrict__ g, const T* __restrict__ a,
                                 scalar_t* __restrict__ out, int64_t n, int64_t k, T inv_t) {
-  const int64_t i = static_cast<int64_t>(blockIdx.x) * kWarpsPerBlock + threadIdx.x / kWarp;
+  const int64_t i = static_cast<int64_t>(blockIdx.x) * kWarpsPerBlock + threadIdx.x / kWarpSize;
   if (i >= n) return;
-  const int lane = threadIdx.x % kWarp;
+  const int lane = threadIdx.x % kWarpSize;
   const scalar_t* values = f + i * k;
   const T* q = log_q + labels[i] * k;
   const T* ar = a != nullptr ? a + labels[i] * k : nullptr;
@@ -235,10 +223,10 @@ __global__ void row_grad_kernel(const scalar_t* __restrict__ f, const int64_t* _
   const T weight = g[i], offset = kl[i];
   T through_centroid = 0;  // sum_k P_ik a_ck
   if (ar != nullptr) {
-    for (int64_t j = lane; j < k; j += kWarp) through_centroid += exp_(log_p(values[j], inv_t, row)) * ar[j];
+    for (int64_t j = lane; j < k; j += kWarpSize) through_centroid += exp_(log_p(values[j], inv_t, row)) * ar[j];
     through_centroid = warp_sum(through_centroid);
   }
-  for (int64_t j = lane; j < k; j += kWarp) {
+  for (int64_t j = lane; j < k; j += kWarpSize) {
     const T x = log_p(values[j], inv_t, row);
     const T p = exp_(x);
     T d = weight * (x - q[j] - offset);
@@ -355,7 +343,6 @@ Tensor row_grad(const Tensor& features, const Tensor& labels, const Tensor& norm
 }
 
 }  // namespace
+}  // namespace ddfast::cmi
 
 TORCH_LIBRARY(ddfast_cmi_cuda, m) { DDFAST_CMI_DEFINE_KERNELS(m); }
-
-}  // namespace ddfast::cmi

@@ -9,8 +9,8 @@
 // order[start[j]:end[j]], all of class cls[j]; class c owns chunks first[c]:first[c+1]. Every
 // reduction runs in a fixed order, so results depend neither on thread counts nor on scheduling.
 //
-// Kernels (inputs contiguous; features float / double / bfloat16 / half; acc = double for double
-// inputs, float otherwise; index tensors int64):
+// Kernels (inputs contiguous; features float / double / bfloat16 / half; acc = the accumulation
+// type of common/accumulate.h; index tensors int64):
 //   row_norm(features, inv_t) -> norm (N, 2) acc; norm[i, 1] is nan when row i holds a nan or an inf
 //   chunk_norm(features, order, start, end, inv_t) -> (norm (N, 2) acc as row_norm's, partial (M, K) acc)
 //       partial[j, k] = logsumexp of x_ik over the rows i of chunk j
@@ -26,18 +26,20 @@
 #pragma once
 
 #include <ATen/core/Tensor.h>
+#include <c10/macros/Macros.h>
 
+#include <limits>
 #include <optional>
 
+#include "common/accumulate.h"
 #include "common/checks.h"
 
 namespace ddfast::cmi {
 
-inline at::ScalarType acc_type(const at::Tensor& features) {
-  return features.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+template <typename T>
+C10_HOST_DEVICE constexpr T neg_inf() {
+  return -std::numeric_limits<T>::infinity();
 }
-
-inline at::TensorOptions acc_options(const at::Tensor& features) { return features.options().dtype(acc_type(features)); }
 
 inline void check_features(const at::Tensor& features, c10::DeviceType device) {
   DDFAST_CHECK_DEVICE(features, device);
@@ -47,7 +49,7 @@ inline void check_features(const at::Tensor& features, c10::DeviceType device) {
 
 // An (N,) tensor in the accumulation dtype, one value per row of features.
 inline void check_per_row(const at::Tensor& t, const char* name, const at::Tensor& features) {
-  check_like(t, name, features, acc_type(features), features.size(0));
+  check_like(t, name, features, acc_dtype(features), features.size(0));
 }
 
 inline void check_chunks(const at::Tensor& features, const at::Tensor& order, const at::Tensor& start, const at::Tensor& end) {
@@ -57,9 +59,9 @@ inline void check_chunks(const at::Tensor& features, const at::Tensor& order, co
 }
 
 inline void check_class_stats(const at::Tensor& features, const at::Tensor& norm, const at::Tensor& log_q) {
-  check_like(norm, "norm", features, acc_type(features), 2 * features.size(0));
+  check_like(norm, "norm", features, acc_dtype(features), 2 * features.size(0));
   TORCH_CHECK(log_q.dim() == 2 && log_q.size(1) == features.size(1), "log_q must have shape (C, ", features.size(1), ")");
-  check_like(log_q, "log_q", features, acc_type(features), log_q.numel());
+  check_like(log_q, "log_q", features, acc_dtype(features), log_q.numel());
 }
 
 inline void check_combine(const at::Tensor& partial, const at::Tensor& first, const at::Tensor& counts, c10::DeviceType device) {
@@ -92,21 +94,26 @@ inline void check_row_grad(const at::Tensor& features, const at::Tensor& labels,
   check_row_kl(features, labels, norm, log_q, device);
   check_per_row(kl, "kl", features);
   check_per_row(g, "g", features);
-  if (a.has_value()) check_like(*a, "a", features, acc_type(features), log_q.numel());
+  if (a.has_value()) check_like(*a, "a", features, acc_dtype(features), log_q.numel());
 }
 
 }  // namespace ddfast::cmi
 
-// Registers the seven kernels, as functions of those names visible where the macro expands, on `m`.
-#define DDFAST_CMI_DEFINE_KERNELS(m)                                                                                          \
-  m.def("row_norm(Tensor features, float inv_t) -> Tensor", &row_norm);                                                       \
-  m.def("chunk_norm(Tensor features, Tensor order, Tensor start, Tensor end, float inv_t) -> (Tensor, Tensor)", &chunk_norm); \
-  m.def("combine_lse(Tensor partial, Tensor first, Tensor counts) -> Tensor", &combine_lse);                                  \
-  m.def("row_kl(Tensor features, Tensor labels, Tensor norm, Tensor log_q, float inv_t) -> Tensor", &row_kl);                 \
-  m.def("chunk_centroid_grad(Tensor features, Tensor order, Tensor start, Tensor end, Tensor cls, Tensor norm, "              \
-        "Tensor log_q, Tensor g, float inv_t) -> Tensor",                                                                     \
-        &chunk_centroid_grad);                                                                                                \
-  m.def("combine_mean(Tensor partial, Tensor first, Tensor counts) -> Tensor", &combine_mean);                                \
-  m.def("row_grad(Tensor features, Tensor labels, Tensor norm, Tensor log_q, Tensor kl, Tensor g, Tensor? a, "                \
-        "float inv_t) -> Tensor",                                                                                             \
-        &row_grad)
+// Registers the seven kernels of ddfast::cmi on `m` (each source defines them for its device).
+#define DDFAST_CMI_DEFINE_KERNELS(m)                                                                             \
+  m.def("row_norm(Tensor features, float inv_t) -> Tensor",                                                      \
+        &ddfast::cmi::row_norm);                                                                                 \
+  m.def("chunk_norm(Tensor features, Tensor order, Tensor start, Tensor end, float inv_t) -> (Tensor, Tensor)",  \
+        &ddfast::cmi::chunk_norm);                                                                               \
+  m.def("combine_lse(Tensor partial, Tensor first, Tensor counts) -> Tensor",                                    \
+        &ddfast::cmi::combine_lse);                                                                              \
+  m.def("row_kl(Tensor features, Tensor labels, Tensor norm, Tensor log_q, float inv_t) -> Tensor",              \
+        &ddfast::cmi::row_kl);                                                                                   \
+  m.def("chunk_centroid_grad(Tensor features, Tensor order, Tensor start, Tensor end, Tensor cls, Tensor norm, " \
+        "Tensor log_q, Tensor g, float inv_t) -> Tensor",                                                        \
+        &ddfast::cmi::chunk_centroid_grad);                                                                      \
+  m.def("combine_mean(Tensor partial, Tensor first, Tensor counts) -> Tensor",                                   \
+        &ddfast::cmi::combine_mean);                                                                             \
+  m.def("row_grad(Tensor features, Tensor labels, Tensor norm, Tensor log_q, Tensor kl, Tensor g, Tensor? a, "   \
+        "float inv_t) -> Tensor",                                                                                \
+        &ddfast::cmi::row_grad)

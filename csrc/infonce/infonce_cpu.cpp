@@ -1,4 +1,4 @@
-// InfoNCE softmax statistics on the CPU: one parallel region per pass.
+// infonce on the CPU: the softmax statistics, one parallel region per pass.
 //
 // The work is a grid of (query tile x key block) logit blocks. Each pass splits the larger side into
 // contiguous parts, one per thread, and every part walks its blocks alone: a single-threaded BLAS
@@ -13,38 +13,39 @@
 //   buffer per part, summed in part order afterwards. Deterministic for a given thread count.
 //
 // Contract (see ddfast/ops/infonce/streaming.py): query (N, D) normalised, float32 / float64;
-// key (M, D) raw, any float dtype; key_inv_norm (M,) or none; results in the query's dtype.
+// key (M, D) raw, any float dtype; key_inv_norm (M,) or none; results in the query's dtype, which is
+// also the accumulation type.
+
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <algorithm>
+#include <cmath>
 #include <limits>
+#include <tuple>
 #include <vector>
 
 #include "common/checks.h"
 #include "common/cpu_vec.h"
-#include <ATen/cpu/vec/functional.h>
 
-namespace ddfast {
+namespace ddfast::infonce {
 namespace {
 
 constexpr int64_t kQueryTile = 256;
 constexpr int64_t kKeyBlock = 512;
 
-template <typename T>
-using V = Vec<T>;
-
 // row[j] <- row[j] * factor[j]; returns max_j row[j].
 template <typename T>
 T scale_and_max(T* row, const T* factor, int64_t cols) {
-  V<T> vmax(-std::numeric_limits<T>::infinity());
+  Vec<T> vmax(-std::numeric_limits<T>::infinity());
   int64_t j = 0;
-  for (; j + V<T>::size() <= cols; j += V<T>::size()) {
-    V<T> s = V<T>::loadu(row + j) * V<T>::loadu(factor + j);
+  for (; j + Vec<T>::size() <= cols; j += Vec<T>::size()) {
+    Vec<T> s = Vec<T>::loadu(row + j) * Vec<T>::loadu(factor + j);
     s.store(row + j);
     vmax = at::vec::maximum(vmax, s);
   }
-  T result = at::vec::vec_reduce_all<T>([](const V<T>& a, const V<T>& b) { return at::vec::maximum(a, b); }, vmax);
+  T result = at::vec::vec_reduce_all<T>([](const Vec<T>& a, const Vec<T>& b) { return at::vec::maximum(a, b); }, vmax);
   for (; j < cols; ++j) {
     row[j] *= factor[j];
     result = std::max(result, row[j]);
@@ -55,10 +56,10 @@ T scale_and_max(T* row, const T* factor, int64_t cols) {
 // sum_j exp(row[j] - shift)
 template <typename T>
 T sum_exp(const T* row, T shift, int64_t cols) {
-  V<T> vsum(T(0)), vshift(shift);
+  Vec<T> vsum(T(0)), vshift(shift);
   int64_t j = 0;
-  for (; j + V<T>::size() <= cols; j += V<T>::size()) vsum = vsum + (V<T>::loadu(row + j) - vshift).exp();
-  T result = at::vec::vec_reduce_all<T>([](const V<T>& a, const V<T>& b) { return a + b; }, vsum);
+  for (; j + Vec<T>::size() <= cols; j += Vec<T>::size()) vsum = vsum + (Vec<T>::loadu(row + j) - vshift).exp();
+  T result = at::vec::vec_reduce_all<T>([](const Vec<T>& a, const Vec<T>& b) { return a + b; }, vsum);
   for (; j < cols; ++j) result += std::exp(row[j] - shift);
   return result;
 }
@@ -66,10 +67,10 @@ T sum_exp(const T* row, T shift, int64_t cols) {
 // row[j] <- exp(row[j] * factor[j] - shift) * gain
 template <typename T>
 void softmax_weights(T* row, const T* factor, T shift, T gain, int64_t cols) {
-  V<T> vshift(shift), vgain(gain);
+  Vec<T> vshift(shift), vgain(gain);
   int64_t j = 0;
-  for (; j + V<T>::size() <= cols; j += V<T>::size()) {
-    ((V<T>::loadu(row + j) * V<T>::loadu(factor + j) - vshift).exp() * vgain).store(row + j);
+  for (; j + Vec<T>::size() <= cols; j += Vec<T>::size()) {
+    ((Vec<T>::loadu(row + j) * Vec<T>::loadu(factor + j) - vshift).exp() * vgain).store(row + j);
   }
   for (; j < cols; ++j) row[j] = std::exp(row[j] * factor[j] - shift) * gain;
 }
@@ -78,7 +79,7 @@ void softmax_weights(T* row, const T* factor, T shift, T gain, int64_t cols) {
 template <typename T>
 void scale_columns(T* row, const T* factor, int64_t cols) {
   int64_t j = 0;
-  for (; j + V<T>::size() <= cols; j += V<T>::size()) (V<T>::loadu(row + j) * V<T>::loadu(factor + j)).store(row + j);
+  for (; j + Vec<T>::size() <= cols; j += Vec<T>::size()) (Vec<T>::loadu(row + j) * Vec<T>::loadu(factor + j)).store(row + j);
   for (; j < cols; ++j) row[j] *= factor[j];
 }
 
@@ -285,11 +286,11 @@ std::tuple<at::Tensor, at::Tensor> grads(const at::Tensor& query, const at::Tens
 }
 
 }  // namespace
-}  // namespace ddfast
+}  // namespace ddfast::infonce
 
 TORCH_LIBRARY(ddfast_infonce_cpu, m) {
   m.def("lse(Tensor query, Tensor key, Tensor? key_inv_norm, float scale) -> Tensor");
   m.def("grads(Tensor query, Tensor key, Tensor? key_inv_norm, float scale, Tensor lse, Tensor weight, bool need_query, bool need_key) -> (Tensor, Tensor)");
-  m.impl("lse", c10::DispatchKey::CPU, &ddfast::lse);
-  m.impl("grads", c10::DispatchKey::CPU, &ddfast::grads);
+  m.impl("lse", c10::DispatchKey::CPU, &ddfast::infonce::lse);
+  m.impl("grads", c10::DispatchKey::CPU, &ddfast::infonce::grads);
 }
