@@ -2,8 +2,9 @@
 
 The fused operators are ``torch.library`` custom ops with a first-order backward formula. That
 serves ``loss.backward()``, ``torch.autograd.grad``, ``torch.compile`` and ``torch.func.vmap``
-(each op's operators run once per batch entry, through torch's fallback or a vmap rule of their own). It does not serve forward-mode AD (``torch.func.jvp``,
-``jacfwd``, ``torch.autograd.forward_ad``), whose tangents would silently come out as zero,
+(each op's operators run once per batch entry, through torch's fallback or a vmap rule of their
+own). It does not serve forward-mode AD (``torch.func.jvp``, ``jacfwd``,
+``torch.autograd.forward_ad``), whose tangents would silently come out as zero,
 ``torch.func.grad`` / ``vjp`` / ``jacrev``, or differentiating a gradient (double backward). Those
 raise here, naming the operation; ``backend="reference"`` (plain torch) supports them all.
 """

@@ -57,7 +57,8 @@ def test_a_case_over_its_time_is_stopped_and_recorded():
 
 
 def test_unroll_memory_writes_json_and_plot(tmp_path):
-    done = subprocess.run([sys.executable, "benchmarks/unroll_memory.py", "--device", "cpu", "--steps", "1", "3", "--ipc", "1", "--out", str(tmp_path)],
+    done = subprocess.run([sys.executable, "benchmarks/unroll_memory.py", "--device", "cpu", "--steps", "1", "3", "--ipc", "1",
+                           "--out", str(tmp_path)],
                           cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
     [json_path] = tmp_path.glob("*-unroll-memory.json")

@@ -49,7 +49,8 @@ def test_distill_stops_resumes_and_evaluates(tmp_path):
 
 
 def test_print_config_applies_overrides(capsys):
-    assert main(["distill", "--method", "dsa", "--dataset", "cifar10", "--ipc", "10", "--cmi", "--set", "options.inner_loop=7", "--print-config"]) == 0
+    assert main(["distill", "--method", "dsa", "--dataset", "cifar10", "--ipc", "10", "--cmi", "--set", "options.inner_loop=7",
+                 "--print-config"]) == 0
     config = json.loads(capsys.readouterr().out)
     assert config["options"] == {"outer_loop": 10, "inner_loop": 7, "net_lr": 0.01, "train_batch": 256}
     assert config["cmi"]["weight"] == 50000 and config["evaluation"]["epochs"] == 1000
@@ -92,8 +93,8 @@ def test_mtt_with_mim_prints_its_config(capsys):
 def test_buffer_trains_shards_into_the_cache(tmp_path, capsys):
     mnist_root()
     args = ["buffer", "--dataset", "mnist", "--preset", "quick", "--cache-dir", str(tmp_path), "--quiet", "--set", "train_per_class=30",
-            "--set", "val_per_class=10", "--set", "model.width=8", "--set", "options.experts.experts=2", "--set", "options.max_start_epoch=1", "--set", "options.experts.epochs=3",
-            "--set", "options.experts.train_per_class=20"]
+            "--set", "val_per_class=10", "--set", "model.width=8", "--set", "options.experts.experts=2", "--set", "options.max_start_epoch=1",
+            "--set", "options.experts.epochs=3", "--set", "options.experts.train_per_class=20"]
     assert main([*args, "--shard", "1/2"]) == 0
     [folder] = (tmp_path / "buffers").iterdir()
     assert f"experts of shard 1/2 are in {folder}" in capsys.readouterr().out
@@ -220,7 +221,8 @@ def synthetic_set(path: Path, settings: dict) -> None:
     from ddfast.distill.outputs import save_synthetic
     from ddfast.distill.training.data import dataset_info
 
-    save_synthetic(path, torch.zeros(20, 1, 28, 28), torch.arange(10).repeat_interleave(2), dataset_info("mnist"), settings, iteration=3, eval_lr=None)
+    save_synthetic(path, torch.zeros(20, 1, 28, 28), torch.arange(10).repeat_interleave(2), dataset_info("mnist"), settings,
+                   iteration=3, eval_lr=None)
 
 
 def test_evaluate_names_what_is_not_a_synthetic_set(tmp_path, monkeypatch, capsys):

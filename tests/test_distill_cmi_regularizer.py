@@ -49,7 +49,8 @@ def test_presets_need_a_weight_chosen_for_the_data():
     upstream = preset("dsa", "cifar10", 10, cmi=True).cmi
     assert upstream.weight == 50000 and upstream.features == "embed" and upstream.temperature == 1.0
     spec = upstream.pretrain
-    assert (spec.model.arch, spec.model.norm, spec.epochs, spec.lr, spec.momentum, spec.weight_decay, spec.batch_size) == ("resnet18", "instancenorm", 40, 0.01, 0.9, 1e-3, 256)
+    assert (spec.model.arch, spec.model.norm, spec.epochs, spec.lr, spec.momentum, spec.weight_decay, spec.batch_size) == (
+        "resnet18", "instancenorm", 40, 0.01, 0.9, 1e-3, 256)
     with pytest.raises(ValueError, match="no upstream CMI weight for dm on mnist"):
         preset("dm", "mnist", 10, cmi=True)
 

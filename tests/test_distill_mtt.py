@@ -108,7 +108,8 @@ def test_presets():
     quick = preset("mtt", "mnist", 10, "quick", mim=True)
     assert quick.mim.weight > 0 and quick.options.experts.train_per_class == 500
     up = preset("mtt", "cifar10", 1)
-    assert (up.iterations, up.image_lr, up.zca, up.options.syn_steps, up.options.expert_epochs, up.options.max_start_epoch, up.options.lr_lr) == (5000, 100.0, 0.1, 50, 2, 2, 1e-7)
+    assert (up.iterations, up.image_lr, up.zca, up.options.syn_steps, up.options.expert_epochs, up.options.max_start_epoch, up.options.lr_lr) == (
+        5000, 100.0, 0.1, 50, 2, 2, 1e-7)
     assert up.options.experts == ExpertSpec() and (up.evaluation.epochs, up.evaluation.dsa) == (1000, True)
     assert preset("mtt", "cifar100", 50).options.batch_syn == 125 and preset("mtt", "cifar100", 10).zca is None
     mnist = preset("mtt", "mnist", 10)

@@ -530,7 +530,10 @@ def test_vmap_matches_reference(device, name, form):
     else:
         student, start, target = [leaf(2, 3, 5), leaf(3, 2, 7)], [leaf(3, 5), leaf(3, 7)], [leaf(2, 3, 5), leaf(3, 7, 2)]
         in_dims = ([0, 1], None, [0, 2])
-        entry = lambda v: ([student[0][v], student[1][:, v]], start, [target[0][v], target[1][..., v]])
+
+        def entry(v):
+            return [student[0][v], student[1][:, v]], start, [target[0][v], target[1][..., v]]
+
     loss = torch.func.vmap(lambda *args: trajectory_mse(*args, reduction="none", batched=True, backend=name), in_dims=in_dims)(student, start, target)
     expected = torch.stack([reference.trajectory_mse(*entry(v), reduction="none", batched=True) for v in range(2)])
     assert_close(loss, expected, rtol=1e-13, atol=0)
@@ -594,7 +597,10 @@ def test_reference_supports_every_transform():
     for got, want in zip(torch.func.grad(f, argnums=tuple(range(len(student))))(*student), grads):
         assert_close_tensors(got, want, rtol=1e-13)
     small = [torch.rand(2, 3, dtype=torch.float64, requires_grad=True) for _ in range(3)]
-    g = lambda *args: reference.trajectory_mse(*args, reduction="none")
+
+    def g(*args):
+        return reference.trajectory_mse(*args, reduction="none")
+
     assert torch.autograd.gradgradcheck(g, tuple(small))
     for got, want in zip(torch.func.jacrev(g, argnums=(0, 1, 2))(*small), torch.func.jacfwd(g, argnums=(0, 1, 2))(*small)):
         torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-14)

@@ -31,4 +31,5 @@ from .presets import PRESETS, preset
 from .runner import load_data, pretrain, resolve_device, run
 from .sweep import sweep
 
-__all__ = ["METHODS", "PRESETS", "CMIConfig", "CMIRegularizer", "MIMConfig", "MIMRegularizer", "Context", "DistillConfig", "Method", "load_data", "preset", "pretrain", "register", "resolve_device", "run", "sweep"]
+__all__ = ["METHODS", "PRESETS", "CMIConfig", "CMIRegularizer", "MIMConfig", "MIMRegularizer", "Context", "DistillConfig", "Method",
+           "load_data", "preset", "pretrain", "register", "resolve_device", "run", "sweep"]

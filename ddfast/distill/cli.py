@@ -41,16 +41,19 @@ def _parser() -> argparse.ArgumentParser:
         p.add_argument("--dataset", required=True, help=f"one of {sorted(DATASETS)}")
         p.add_argument("--ipc", type=int, required=method_required, default=10, help="synthetic images per class")
         p.add_argument("--preset", default="upstream", choices=PRESETS, help="hyperparameters (default: upstream)")
-        p.add_argument("--reg", action="append", default=[], choices=("cmi", "mim"), help="add a regulariser with the preset's weight: cmi or mim (MIM4DD); repeatable")
+        p.add_argument("--reg", action="append", default=[], choices=("cmi", "mim"),
+                       help="add a regulariser with the preset's weight: cmi or mim (MIM4DD); repeatable")
         p.add_argument("--cmi", action="store_true", help="the same as --reg cmi")
         p.add_argument("--cmi-weight", type=float, help="add the CMI regulariser with this weight")
         p.add_argument("--mim-weight", type=float, help="add the MIM4DD regulariser with this weight")
         p.add_argument("--iterations", type=int, help="override the preset's number of iterations")
         p.add_argument("--seed", type=int, help="override the seed (default 0)")
-        p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override any setting, e.g. evaluation.models=3 or options.inner_loop=5 (repeatable)")
+        p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                       help="override any setting, e.g. evaluation.models=3 or options.inner_loop=5 (repeatable)")
         p.add_argument("--print-config", action="store_true", help="print the resolved settings as JSON and exit")
 
-    p = commands.add_parser("distill", help="distill a dataset", description="Distill a dataset; rerunning the same command resumes from the checkpoint in --out.")
+    p = commands.add_parser("distill", help="distill a dataset",
+                            description="Distill a dataset; rerunning the same command resumes from the checkpoint in --out.")
     config_options(p, method_required=True)
     run_options(p)
     p.add_argument("--out", help="output folder (default: runs/<method>-<dataset>-ipc<ipc>-<preset>[-cmi][-mim])")
@@ -122,7 +125,8 @@ def _distill(args) -> int:
         return _print_config(config)
     regs = "".join(f"-{name}" for name in ("cmi", "mim") if getattr(config, name) is not None)
     out = args.out or f"runs/{config.method}-{config.dataset}-ipc{config.ipc}-{args.preset}{regs}"
-    options = dict(data_root=args.data_root, download=args.download, device=args.device, cache_dir=args.cache_dir, quiet=args.quiet, restart=args.restart)
+    options = dict(data_root=args.data_root, download=args.download, device=args.device, cache_dir=args.cache_dir, quiet=args.quiet,
+                   restart=args.restart)
     if args.sweep:
         if args.stop_after is not None:
             raise ValueError("--stop-after cannot be combined with --sweep")
@@ -174,7 +178,8 @@ def _buffer(args) -> int:
     if args.print_config:
         return _print_config(config)
     data = _checked_data(config, args)
-    folder, _ = expert_buffer(MTT.read_options(config.options), config, data, data_key(config), cache_dir=args.cache_dir, shard=shard, quiet=args.quiet)
+    folder, _ = expert_buffer(MTT.read_options(config.options), config, data, data_key(config),
+                              cache_dir=args.cache_dir, shard=shard, quiet=args.quiet)
     print(f"experts of shard {shard[0]}/{shard[1]} are in {folder}")
     return 0
 

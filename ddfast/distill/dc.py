@@ -80,7 +80,8 @@ class GradientMatching(Method):
             return {"iterations": 20, "image_lr": 0.1, "real_per_class": 64, "dsa": cls.name == "dsa",
                     "options": GradientMatchingOptions(outer_loop=2, inner_loop=5)}
         if ipc not in UPSTREAM_LOOPS:
-            raise ValueError(f"the upstream {cls.name} loops are defined for ipc in {sorted(UPSTREAM_LOOPS)}, got {ipc}; use preset quick with --set options.outer_loop=... --set options.inner_loop=...")
+            raise ValueError(f"the upstream {cls.name} loops are defined for ipc in {sorted(UPSTREAM_LOOPS)}, got {ipc}; "
+                             "use preset quick with --set options.outer_loop=... --set options.inner_loop=...")
         outer, inner = UPSTREAM_LOOPS[ipc]
         return {"iterations": 1000, "image_lr": 0.1, "image_momentum": 0.5, "real_per_class": 256, "dsa": cls.name == "dsa",
                 "options": GradientMatchingOptions(outer_loop=outer, inner_loop=inner)}

@@ -88,7 +88,8 @@ class MTT(UnrolledMethod):
             known = sorted({i for _, i in UPSTREAM})
             raise ValueError(f"the upstream MTT settings exist for ipc in {known}, got {ipc}; use preset quick with --set options.syn_steps=... etc.")
         steps, expert_epochs, max_start, image_lr, lr_lr, lr_init, zca, batch_syn = UPSTREAM[key]
-        options = MTTOptions(syn_steps=steps, expert_epochs=expert_epochs, max_start_epoch=max_start, lr_lr=lr_lr, lr_init=lr_init, batch_syn=batch_syn)
+        options = MTTOptions(syn_steps=steps, expert_epochs=expert_epochs, max_start_epoch=max_start, lr_lr=lr_lr, lr_init=lr_init,
+                             batch_syn=batch_syn)
         return {"iterations": 5000, "image_lr": image_lr, "image_momentum": 0.5, "real_per_class": 1, "dsa": True,
                 "zca": ZCA_EPS if zca and zca_dataset else None, "options": options}
 

@@ -76,7 +76,8 @@ def _cmi(method: str, dataset: str, ipc: int, name: str, weight: float | None) -
     if weight is None:
         if (method, dataset, ipc) not in UPSTREAM_CMI_WEIGHTS:
             known = ", ".join(f"{m} {d} ipc {i}" for m, d, i in UPSTREAM_CMI_WEIGHTS)
-            raise ValueError(f"no upstream CMI weight for {method} on {dataset} ipc {ipc} (known: {known}); pass cmi_weight / --cmi-weight, chosen on the validation split")
+            raise ValueError(f"no upstream CMI weight for {method} on {dataset} ipc {ipc} (known: {known}); "
+                             "pass cmi_weight / --cmi-weight, chosen on the validation split")
         weight = UPSTREAM_CMI_WEIGHTS[(method, dataset, ipc)]
     with prefixed("cmi."):
         return CMIConfig(weight=weight)

@@ -61,7 +61,8 @@ def data_key(config: DistillConfig) -> dict:
     return key if config.zca is None else {**key, "zca": config.zca}
 
 
-def pretrain(config: DistillConfig, data: RealData, *, cache_dir: str | os.PathLike | None = None, quiet: bool = False) -> dict[str, list[torch.nn.Module]]:
+def pretrain(config: DistillConfig, data: RealData, *, cache_dir: str | os.PathLike | None = None,
+             quiet: bool = False) -> dict[str, list[torch.nn.Module]]:
     """The regularisers' pools of pre-trained networks for ``config`` (trained once, then cached), by name ("cmi", "mim")."""
     specs = {name: reg.pretrain for name, reg in (("cmi", config.cmi), ("mim", config.mim)) if reg is not None}
     if not specs:
@@ -162,7 +163,8 @@ def run(
 def _iterate(config: DistillConfig, method, data: RealData, progress: dict, save_checkpoint, stop_after, log, quiet: bool) -> bool:
     """Run the remaining iterations with validation and checkpoints; False when stopped by ``stop_after``."""
     last_save = time.perf_counter()
-    with bar(config.iterations, f"{config.method} {config.dataset} ipc {config.ipc}", enabled=not quiet, initial=progress["iteration"]) as progress_bar:
+    with bar(config.iterations, f"{config.method} {config.dataset} ipc {config.ipc}", enabled=not quiet,
+             initial=progress["iteration"]) as progress_bar:
         while progress["iteration"] < config.iterations:
             iteration = progress["iteration"]
             with timed(progress["seconds"], "distill"), seeded(derive_seed(config.seed, "iteration", iteration), data.train.images.device):

@@ -37,7 +37,8 @@ def sweep(config: DistillConfig, path: str, values, out_dir: str | os.PathLike, 
     candidates = []
     for value, candidate, folder in plan:
         result = run(candidate, folder, final=False, **run_options)
-        candidates.append({"value": value, "val_accuracy": result["chosen_val_accuracy"], "chosen_iteration": result["chosen_iteration"], "out": str(folder)})
+        candidates.append({"value": value, "val_accuracy": result["chosen_val_accuracy"], "chosen_iteration": result["chosen_iteration"],
+                           "out": str(folder)})
     best = max(candidates, key=lambda c: c["val_accuracy"])
     final = run(override(config, path, best["value"]), best["out"], **{**run_options, "restart": False})  # resumes at its end
     summary = {"path": path, "candidates": candidates, "chosen": best, "evaluation": final["evaluation"], "seconds": final["seconds"]}

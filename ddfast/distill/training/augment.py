@@ -80,7 +80,8 @@ class DSA:
             return torch.rand(n, generator=generator) * (high - low) + low
 
         if op == "color":
-            values = {"brightness": uniform(-c.brightness, c.brightness), "saturation": uniform(0, c.saturation), "contrast": uniform(1 - c.contrast, 1 + c.contrast)}
+            values = {"brightness": uniform(-c.brightness, c.brightness), "saturation": uniform(0, c.saturation),
+                      "contrast": uniform(1 - c.contrast, 1 + c.contrast)}
         elif op == "crop":
             sy, sx = int(height * c.crop + 0.5), int(width * c.crop + 0.5)
             values = {"dy": torch.randint(-sy, sy + 1, (n,), generator=generator), "dx": torch.randint(-sx, sx + 1, (n,), generator=generator)}

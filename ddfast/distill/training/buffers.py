@@ -163,7 +163,8 @@ def _load_finished(folder: Path, k: int, meta: dict) -> dict | None:
     if state["meta"] != meta:
         raise checkpoint.UnreadableFile(path, "holds an expert made for other settings than its folder's meta.json")
     snapshots, size = state["snapshots"], sum(_numel(shape) for _, shape in meta["params"])
-    if not (isinstance(snapshots, torch.Tensor) and snapshots.dtype == torch.float32 and tuple(snapshots.shape) == (meta["experts"]["epochs"] + 1, size)):
+    if not (isinstance(snapshots, torch.Tensor) and snapshots.dtype == torch.float32
+            and tuple(snapshots.shape) == (meta["experts"]["epochs"] + 1, size)):
         raise checkpoint.UnreadableFile(path, f"holds snapshots that are not float32 ({meta['experts']['epochs'] + 1}, {size})")
     return state
 

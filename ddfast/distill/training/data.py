@@ -44,7 +44,8 @@ DATASETS = {
     "cifar100": DatasetInfo("cifar100", 3, 32, 100, (0.5071, 0.4866, 0.4409), (0.2673, 0.2564, 0.2762), "cifar-100-python"),
     "svhn": DatasetInfo("svhn", 3, 32, 10, (0.4377, 0.4438, 0.4728), (0.1980, 0.2010, 0.1970), "."),
 }
-ALIASES = {"fashionmnist": "fashion-mnist", "fmnist": "fashion-mnist", "fashion_mnist": "fashion-mnist", "cifar-10": "cifar10", "cifar-100": "cifar100"}
+ALIASES = {"fashionmnist": "fashion-mnist", "fmnist": "fashion-mnist", "fashion_mnist": "fashion-mnist", "cifar-10": "cifar10",
+           "cifar-100": "cifar100"}
 
 
 @dataclass

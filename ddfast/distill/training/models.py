@@ -42,7 +42,8 @@ class ConvNet(nn.Module):
         size = image_size + (4 if image_size == 28 else 0)
         for d in range(depth):
             padding = 3 if d == 0 and image_size == 28 else 1
-            layers += [nn.Conv2d(channels if d == 0 else width, width, 3, padding=padding), norm_layer(norm, width), nn.ReLU(inplace=True), nn.AvgPool2d(2)]
+            layers += [nn.Conv2d(channels if d == 0 else width, width, 3, padding=padding), norm_layer(norm, width), nn.ReLU(inplace=True),
+                       nn.AvgPool2d(2)]
             size //= 2
         if size < 1:
             raise ValueError(f"depth {depth} pools {image_size}x{image_size} images below one pixel")

@@ -10,8 +10,8 @@ while key tiles stream past; the logits exist only tile by tile, in the log2 dom
   rows of its output (queries for dq, keys for dk) and loops over the other side, so there are no
   atomics and results are deterministic; the dk launch is skipped when keys need no gradient.
 
-Row offsets are 64-bit (M x D may exceed 2^31 elements). Inputs are read in their own dtype (bf16 / fp16 tensor cores); accumulation is float32 (float64
-for float64 inputs). float32 inputs use full-precision dots unless
+Row offsets are 64-bit (M x D may exceed 2^31 elements). Inputs are read in their own dtype
+(bf16 / fp16 tensor cores); accumulation is float32 (float64 for float64 inputs). float32 inputs use full-precision dots unless
 ``torch.backends.cuda.matmul.allow_tf32`` is set.
 """
 

@@ -7,7 +7,8 @@ import torch
 from ... import _extension
 
 
-def forward(student: list[torch.Tensor], start: list[torch.Tensor], target: list[torch.Tensor], trajectories: int) -> tuple[torch.Tensor, torch.Tensor]:
+def forward(student: list[torch.Tensor], start: list[torch.Tensor], target: list[torch.Tensor],
+            trajectories: int) -> tuple[torch.Tensor, torch.Tensor]:
     return _extension.load("trajectory_mse_cpu").forward(student, start, target, trajectories)
 
 

@@ -67,7 +67,8 @@ def _check_like(name: str, tensors: list, student: list, is_list: bool) -> None:
         if x.dtype != first.dtype:
             raise TypeError(f"{label(name, index)} has dtype {x.dtype} but {label('student', 0)} has {first.dtype}: all tensors must share one dtype")
         if x.device != first.device:
-            raise ValueError(f"{label(name, index)} is on {x.device} but {label('student', 0)} is on {first.device}: all tensors must be on one device")
+            raise ValueError(f"{label(name, index)} is on {x.device} but {label('student', 0)} is on {first.device}: "
+                             "all tensors must be on one device")
         if x.shape != like.shape:
             raise ValueError(f"{label(name, index)} has shape {tuple(x.shape)} but {label('student', index)} has {tuple(like.shape)}: "
                              "student, start and target must match tensor by tensor")
@@ -85,7 +86,8 @@ def _trajectories(student: list[torch.Tensor], is_list: bool, batched: bool | No
     else:
         for index, x in enumerate(student):
             if x.dim() == 0:
-                raise ValueError(f"student[{index}] is a 0-dimensional tensor, but with batched=True every tensor is (B, ...) (pass batched=False for one trajectory's parameters)")
+                raise ValueError(f"student[{index}] is a 0-dimensional tensor, but with batched=True every tensor is (B, ...) "
+                                 "(pass batched=False for one trajectory's parameters)")
             if x.shape[0] != student[0].shape[0]:
                 raise ValueError(f"student[{index}] has leading dimension {x.shape[0]} but student[0] has {student[0].shape[0]}: with batched=True "
                                  "every tensor is (B, ...) for the same B (pass batched=False for one trajectory's parameters)")

@@ -29,7 +29,8 @@ from .inputs import rows
 COLUMNS = 1 << 16
 
 
-def forward(student: list[torch.Tensor], start: list[torch.Tensor], target: list[torch.Tensor], trajectories: int) -> tuple[torch.Tensor, torch.Tensor]:
+def forward(student: list[torch.Tensor], start: list[torch.Tensor], target: list[torch.Tensor],
+            trajectories: int) -> tuple[torch.Tensor, torch.Tensor]:
     acc = accumulation_dtype(student[0].dtype)
     numerators, denominators = [], []
     for s, st, t in zip(*(rows(x, trajectories) for x in (student, start, target))):

@@ -125,7 +125,8 @@ def _gradients_kernel(table, grad, loss, den, n_chunks, n_tensors, DTYPE: tl.con
         tl.store(d_target + cols, _to_output(-(ds + dst), DTYPE, ROUND_BY_HAND), mask=cols < target_end)
 
 
-def forward(student: list[torch.Tensor], start: list[torch.Tensor], target: list[torch.Tensor], trajectories: int) -> tuple[torch.Tensor, torch.Tensor]:
+def forward(student: list[torch.Tensor], start: list[torch.Tensor], target: list[torch.Tensor],
+            trajectories: int) -> tuple[torch.Tensor, torch.Tensor]:
     table, n_chunks = _table(trajectories, student, start, target)
     acc = accumulation_dtype(student[0].dtype)
     partial_num = torch.empty(trajectories * n_chunks, dtype=acc, device=student[0].device)
