@@ -19,8 +19,8 @@ from torch import nn
 
 from ... import _checks, _transforms
 from ..._backends import AUTO, accumulation_dtype
-from . import operators, reference
-from .operators import REGISTRY
+from . import op, reference
+from .op import REGISTRY
 
 
 def cmi_loss(features: torch.Tensor, labels: torch.Tensor, num_classes: int | None = None, *, temperature: float = 1.0,
@@ -46,8 +46,8 @@ def cmi_loss(features: torch.Tensor, labels: torch.Tensor, num_classes: int | No
     features, labels, centroids, num_classes, temperature = _validated(features, labels, num_classes, temperature, centroids)
     _checks.reduction(reduction)
     if backend == "reference":
-        operators.check_values(labels, num_classes, centroids)
-        operators.check_finite("features", features)
+        op.check_values(labels, num_classes, centroids)
+        _checks.finite("features", features)
         return reference.cmi_reference(features, labels, num_classes, temperature=temperature, centroids=centroids, reduction=reduction)
     return torch.ops.ddfast.cmi_forward(features, labels, centroids, num_classes, temperature, reduction, backend)[0]
 
@@ -64,7 +64,7 @@ def cmi_per_class(features: torch.Tensor, labels: torch.Tensor, num_classes: int
         _transforms.refuse_unsupported("ddfast.cmi_per_class", features)
     inferred = num_classes is None and centroids is None
     features, labels, centroids, num_classes, temperature = _validated(features, labels, num_classes, temperature, centroids)
-    if inferred and operators.batched(labels):
+    if inferred and torch._C._functorch.is_batchedtensor(labels):
         raise ValueError("cmi_per_class needs num_classes under torch.func.vmap over the labels: its output has one "
                          "entry per class, so C must not depend on each entry's labels")
     kl = cmi_loss(features, labels, num_classes, temperature=temperature, centroids=centroids, reduction="none", backend=backend)
@@ -114,7 +114,7 @@ def _validated(features, labels, num_classes, temperature, centroids):
         num_classes = centroids.shape[0]
     else:
         # under torch.func.vmap, the largest label of every entry: the loss does not depend on C beyond it
-        num_classes = int(operators.values(labels).max()) + 1
+        num_classes = int(_checks._data(labels).max()) + 1
     return features, labels, centroids, num_classes, temperature
 
 

@@ -1,5 +1,10 @@
-"""Backend ``cpu``: the kernels of ``csrc/cmi/cmi_cpu.cpp`` (at::parallel_for, ATen vectorized exp/log)."""
+"""Backend ``cpu``: the protocol of ``streaming.py`` over the kernels of ``csrc/cmi/cmi_cpu.cpp``
+(at::parallel_for, ATen vectorized exp/log), on CPU tensors."""
 
-from .kernels import KernelBackend
+from ... import _extension
+from . import compiled
 
-BACKEND = KernelBackend.from_extension("cmi_cpu", chunk_rows=64)
+CHUNK_ROWS = 64
+
+row_norm, class_log_centroids, row_kl, centroid_grad, row_grad = compiled.protocol(lambda: _extension.load("cmi_cpu"),
+                                                                                   chunk_rows=CHUNK_ROWS)

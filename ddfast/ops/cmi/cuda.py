@@ -1,6 +1,10 @@
-"""Backend ``cuda``: the kernels of ``csrc/cmi/cmi_cuda.cu`` (warp-level row reductions, chunked
-per-class column reductions)."""
+"""Backend ``cuda``: the protocol of ``streaming.py`` over the kernels of ``csrc/cmi/cmi_cuda.cu``
+(warp-level row reductions, chunked per-class column reductions), on CUDA tensors."""
 
-from .kernels import KernelBackend
+from ... import _extension
+from . import compiled
 
-BACKEND = KernelBackend.from_extension("cmi_cuda", chunk_rows=64)
+CHUNK_ROWS = 64  # kChunkRows of csrc/cmi/cmi_cuda.cu
+
+row_norm, class_log_centroids, row_kl, centroid_grad, row_grad = compiled.protocol(lambda: _extension.load("cmi_cuda"),
+                                                                                   chunk_rows=CHUNK_ROWS)

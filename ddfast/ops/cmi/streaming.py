@@ -2,11 +2,23 @@
 
 Runs on any device and needs O(C K) memory beyond the inputs plus a few blocks of ``ELEMENTS``
 values, so N can grow without bound. Per-class sums use ``index_add_`` (deterministic on the CPU; on
-CUDA only under ``torch.use_deterministic_algorithms``). The functions mirror the compiled backends'
-(see ``kernels.py``); shapes: features (N, K), labels (N,) int64, kl / g (N,), log_q (C, K), and the
-softmax normalisers norm (N, 2): each row's max of the features and log sum exp((f - max) / T), so
-that log P = (f - max) / T - log-sum is exact at the row's largest entry and keeps full precision
-near it (the differences f - max are exact there).
+CUDA only under ``torch.use_deterministic_algorithms``).
+
+The backend protocol: every backend module (``streaming``, ``cpu``, ``triton``, ``cuda``) defines these
+functions with these signatures; ``op.py`` calls nothing else, and only with contiguous inputs.
+
+- ``row_norm(features, temperature) -> norm``
+- ``class_log_centroids(features, segments, temperature) -> (norm, log_q)``
+- ``row_kl(features, labels, norm, log_q, temperature) -> kl``
+- ``centroid_grad(features, segments, norm, log_q, g, temperature) -> a``
+- ``row_grad(features, labels, norm, log_q, kl, g, a, temperature) -> grad``
+
+Shapes: features (N, K) float32 / float64 / bfloat16 / float16, labels (N,) int64, ``segments`` the
+labels' ``segments.Segments``, temperature a python float; in the accumulation dtype (float32, float64
+for float64 features): kl / g (N,), log_q / a (C, K) (``a`` None: no centroid term), and the softmax
+normalisers norm (N, 2): each row's max of the features and log sum exp((f - max) / T), so that
+log P = (f - max) / T - log-sum is exact at the row's largest entry and keeps full precision near it
+(the differences f - max are exact there); grad (N, K) in the features' dtype.
 """
 
 from __future__ import annotations

@@ -1,4 +1,5 @@
-"""Backend ``triton``: the seven CMI kernels of ``csrc/cmi/cmi_ops.h`` in Triton.
+"""Backend ``triton``: the protocol of ``streaming.py`` over the seven kernels of ``csrc/cmi/cmi_ops.h``
+written in Triton (``Kernels``), on CUDA tensors (CPU tensors under ``TRITON_INTERPRET=1``).
 
 Row kernels handle ``ROWS`` rows per program and stream over the columns in tiles of ``BLOCK_K``;
 per-class reductions take one chunk of at most ``CHUNK_ROWS`` rows of one class per program (one
@@ -10,14 +11,12 @@ Shapes and the normalisers ``norm`` (N, 2) as in ``csrc/cmi/cmi_ops.h``.
 
 from __future__ import annotations
 
-import sys
-
 import torch
 import triton
 import triton.language as tl
 
 from ..._backends import accumulation_dtype
-from .kernels import KernelBackend
+from . import compiled
 
 ROWS = 16
 BLOCK_K = 128
@@ -195,7 +194,7 @@ def _row_grad_kernel(f_ptr, labels_ptr, norm_ptr, log_q_ptr, kl_ptr, g_ptr, a_pt
 
 def _contiguous(*tensors: torch.Tensor | None) -> None:
     """The kernels index every tensor as a contiguous array: any other layout is refused (the
-    operators pass only contiguous tensors, see ``operators.kernel_layout``)."""
+    operators pass only contiguous tensors, see ``op.kernel_layout``)."""
     for t in tensors:
         if t is not None and not t.is_contiguous():
             raise RuntimeError(f"the CMI Triton kernels read contiguous tensors, got shape {tuple(t.shape)} with strides {t.stride()}")
@@ -213,23 +212,6 @@ def _acc_empty(features: torch.Tensor, *shape: int) -> torch.Tensor:
     return torch.empty(shape, dtype=accumulation_dtype(features.dtype), device=features.device)
 
 
-def row_norm(features: torch.Tensor, inv_t: float) -> torch.Tensor:
-    _contiguous(features)
-    n, k = features.shape
-    norm = _acc_empty(features, n, 2)
-    _row_norm_kernel[(triton.cdiv(n, ROWS),)](features, norm, _scale(features, inv_t), n, k, ROWS=ROWS, BLOCK_K=_block_k(k), **LAUNCH)
-    return norm
-
-
-def chunk_norm(features: torch.Tensor, order: torch.Tensor, start: torch.Tensor, end: torch.Tensor, inv_t: float):
-    _contiguous(features, order, start, end)
-    n, k = features.shape
-    norm, partial = _acc_empty(features, n, 2), _acc_empty(features, start.shape[0], k)
-    _chunk_norm_kernel[(start.shape[0],)](features, order, start, end, norm, partial, _scale(features, inv_t), k,
-                                          CHUNK=CHUNK_ROWS, BLOCK_K=_block_k(k), **LAUNCH)
-    return norm, partial
-
-
 def _combine(partial: torch.Tensor, first: torch.Tensor, counts: torch.Tensor, log: bool) -> torch.Tensor:
     _contiguous(partial, first, counts)
     k = partial.shape[1]
@@ -240,40 +222,64 @@ def _combine(partial: torch.Tensor, first: torch.Tensor, counts: torch.Tensor, l
     return out
 
 
-def combine_lse(partial: torch.Tensor, first: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
-    return _combine(partial, first, counts, True)
+class Kernels:
+    """The seven kernels of ``csrc/cmi/cmi_ops.h`` as Triton launches, under the names and signatures
+    the C++ extensions give them."""
+
+    @staticmethod
+    def row_norm(features: torch.Tensor, inv_t: float) -> torch.Tensor:
+        _contiguous(features)
+        n, k = features.shape
+        norm = _acc_empty(features, n, 2)
+        _row_norm_kernel[(triton.cdiv(n, ROWS),)](features, norm, _scale(features, inv_t), n, k, ROWS=ROWS, BLOCK_K=_block_k(k), **LAUNCH)
+        return norm
+
+    @staticmethod
+    def chunk_norm(features: torch.Tensor, order: torch.Tensor, start: torch.Tensor, end: torch.Tensor, inv_t: float):
+        _contiguous(features, order, start, end)
+        n, k = features.shape
+        norm, partial = _acc_empty(features, n, 2), _acc_empty(features, start.shape[0], k)
+        _chunk_norm_kernel[(start.shape[0],)](features, order, start, end, norm, partial, _scale(features, inv_t), k,
+                                              CHUNK=CHUNK_ROWS, BLOCK_K=_block_k(k), **LAUNCH)
+        return norm, partial
+
+    @staticmethod
+    def combine_lse(partial: torch.Tensor, first: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+        return _combine(partial, first, counts, True)
+
+    @staticmethod
+    def combine_mean(partial: torch.Tensor, first: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+        return _combine(partial, first, counts, False)
+
+    @staticmethod
+    def row_kl(features: torch.Tensor, labels: torch.Tensor, norm: torch.Tensor, log_q: torch.Tensor, inv_t: float) -> torch.Tensor:
+        _contiguous(features, labels, norm, log_q)
+        n, k = features.shape
+        kl = _acc_empty(features, n)
+        _row_kl_kernel[(triton.cdiv(n, ROWS),)](features, labels, norm, log_q, kl, _scale(features, inv_t), n, k,
+                                                ROWS=ROWS, BLOCK_K=_block_k(k), **LAUNCH)
+        return kl
+
+    @staticmethod
+    def chunk_centroid_grad(features, order, start, end, cls, norm, log_q, g, inv_t: float) -> torch.Tensor:
+        _contiguous(features, order, start, end, cls, norm, log_q, g)
+        k = features.shape[1]
+        partial = _acc_empty(features, start.shape[0], k)
+        block_k = _block_k(k)
+        _chunk_centroid_grad_kernel[(start.shape[0], triton.cdiv(k, block_k))](
+            features, order, start, end, cls, norm, log_q, g, partial, _scale(features, inv_t), k, CHUNK=CHUNK_ROWS,
+            BLOCK_K=block_k, **LAUNCH)
+        return partial
+
+    @staticmethod
+    def row_grad(features, labels, norm, log_q, kl, g, a, inv_t: float) -> torch.Tensor:
+        _contiguous(features, labels, norm, log_q, kl, g, a)
+        n, k = features.shape
+        out = torch.empty_like(features)
+        _row_grad_kernel[(triton.cdiv(n, ROWS),)](features, labels, norm, log_q, kl, g, kl if a is None else a, out,
+                                                  _scale(features, inv_t), n, k, HAS_A=a is not None, ROWS=ROWS,
+                                                  BLOCK_K=_block_k(k), **LAUNCH)
+        return out
 
 
-def combine_mean(partial: torch.Tensor, first: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
-    return _combine(partial, first, counts, False)
-
-
-def row_kl(features: torch.Tensor, labels: torch.Tensor, norm: torch.Tensor, log_q: torch.Tensor, inv_t: float) -> torch.Tensor:
-    _contiguous(features, labels, norm, log_q)
-    n, k = features.shape
-    kl = _acc_empty(features, n)
-    _row_kl_kernel[(triton.cdiv(n, ROWS),)](features, labels, norm, log_q, kl, _scale(features, inv_t), n, k,
-                                            ROWS=ROWS, BLOCK_K=_block_k(k), **LAUNCH)
-    return kl
-
-
-def chunk_centroid_grad(features, order, start, end, cls, norm, log_q, g, inv_t: float) -> torch.Tensor:
-    _contiguous(features, order, start, end, cls, norm, log_q, g)
-    k = features.shape[1]
-    partial = _acc_empty(features, start.shape[0], k)
-    block_k = _block_k(k)
-    _chunk_centroid_grad_kernel[(start.shape[0], triton.cdiv(k, block_k))](
-        features, order, start, end, cls, norm, log_q, g, partial, _scale(features, inv_t), k, CHUNK=CHUNK_ROWS, BLOCK_K=block_k, **LAUNCH)
-    return partial
-
-
-def row_grad(features, labels, norm, log_q, kl, g, a, inv_t: float) -> torch.Tensor:
-    _contiguous(features, labels, norm, log_q, kl, g, a)
-    n, k = features.shape
-    out = torch.empty_like(features)
-    _row_grad_kernel[(triton.cdiv(n, ROWS),)](features, labels, norm, log_q, kl, g, kl if a is None else a, out,
-                                              _scale(features, inv_t), n, k, HAS_A=a is not None, ROWS=ROWS, BLOCK_K=_block_k(k), **LAUNCH)
-    return out
-
-
-BACKEND = KernelBackend(lambda: sys.modules[__name__], chunk_rows=CHUNK_ROWS)
+row_norm, class_log_centroids, row_kl, centroid_grad, row_grad = compiled.protocol(lambda: Kernels, chunk_rows=CHUNK_ROWS)
