@@ -25,9 +25,11 @@ def backends(registry, dtype: torch.dtype = torch.float64, *, device: str = DEVI
     return params
 
 
-def assert_close(actual: torch.Tensor, expected: torch.Tensor, *, rtol: float, atol: float, what: str = "") -> None:
-    """Elementwise agreement, ``atol`` relative to ``expected``'s largest magnitude (at least 1)."""
-    scale = max(1.0, expected.detach().abs().max().item()) if expected.numel() else 1.0
+def assert_close(actual: torch.Tensor, expected: torch.Tensor, *, rtol: float, atol: float, atol_relative: bool = True,
+                 what: str = "") -> None:
+    """Elementwise agreement; ``atol`` is relative to ``expected``'s largest magnitude (at least 1) unless
+    ``atol_relative=False``."""
+    scale = max(1.0, expected.detach().abs().max().item()) if expected.numel() and atol_relative else 1.0
     torch.testing.assert_close(actual, expected, rtol=rtol, atol=atol * scale, msg=lambda m: f"{what}: {m}")
 
 

@@ -66,7 +66,7 @@ def assert_close_tensors(actual, expected, *, rtol):
     """Elementwise |actual - expected| <= rtol * max|expected|, however small that is (one scale per tensor:
     gradients pass through 0)."""
     scale = expected.abs().max().item() if expected.numel() else 0.0
-    assert_close(actual, expected, rtol=0, atol=rtol * min(max(scale, 1e-300), 1.0))
+    assert_close(actual, expected, rtol=0, atol=rtol * max(scale, 1e-300), atol_relative=False)
 
 
 def weights_for(reduction, trajectories, device):
