@@ -36,7 +36,7 @@ using at::Tensor;
 
 constexpr int kThreads = 256;
 constexpr int kWarpsPerBlock = kThreads / kWarpSize;
-constexpr int64_t kChunkRows = 64;  // must match chunk_rows in ddfast/ops/cmi/cuda.py
+constexpr int64_t kChunkRows = 64;  // must match CHUNK_ROWS in ddfast/ops/cmi/cuda.py
 
 __device__ __forceinline__ float exp_(float x) { return ::expf(x); }
 __device__ __forceinline__ double exp_(double x) { return ::exp(x); }
