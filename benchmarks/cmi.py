@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 
 import ddfast
-from ddfast.ops.cmi import reference
+from ddfast.ops.cmi import REGISTRY, reference  # noqa: F401  (REGISTRY: read by ops.problems)
 
 from .ops import Inputs, Peer, Work
 

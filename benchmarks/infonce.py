@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 
 import ddfast
-from ddfast.ops.infonce import reference
+from ddfast.ops.infonce import REGISTRY, reference  # noqa: F401  (REGISTRY: read by ops.problems)
 
 from .ops import Check, Inputs, Peer, Work
 

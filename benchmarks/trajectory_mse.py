@@ -12,7 +12,7 @@ import math
 import torch
 
 import ddfast
-from ddfast.ops.trajectory_mse import reference
+from ddfast.ops.trajectory_mse import REGISTRY, reference  # noqa: F401  (REGISTRY: read by ops.problems)
 
 from .ops import Inputs, Work
 
