@@ -39,7 +39,7 @@ SUMMARY_RESERVE_S = 5.0  # of the budget, for writing the summary after the last
 # seconds of the default budget per step, in the order the steps run
 SHARES_S = {"environment": 30, "build": 90, "tests": 150, "benchmarks": 110, "unroll-memory": 35, "dm-mnist": 60}
 STEPS = tuple(SHARES_S)
-TEST_FILES = ["tests/test_infonce.py", "tests/test_cmi.py", "tests/test_trajectory_mse.py", "tests/test_backends.py"]
+TEST_FILES = ("tests/test_infonce.py", "tests/test_cmi.py", "tests/test_trajectory_mse.py", "tests/test_backends.py")
 TINY_TESTS = "(matches_reference_float64 or float64_matches_reference) and mean and (triton or cuda) and (vector or centroids or cosine-labels)"
 TINY_UNROLL = ["--steps", "1", "--ipc", "1"]
 TINY_DM = ["--set", "iterations=2", "--set", "evaluation.models=1", "--set", "evaluation.epochs=2",
@@ -104,10 +104,14 @@ def environment(device: str, limit_s: float) -> tuple[dict, str, str, str]:
         done = subprocess.run([sys.executable, "-m", "benchmarks.environment", device], cwd=ROOT, env=child_env(device),
                               capture_output=True, text=True, timeout=limit_s)
     except subprocess.TimeoutExpired as exc:
-        return fallback, TIMED_OUT, f"stopped at the limit of {limit_s:.0f} s", (exc.stderr or b"").decode(errors="replace")
+        stderr = exc.stderr or ""
+        return fallback, TIMED_OUT, f"stopped at the limit of {limit_s:.0f} s", stderr if isinstance(stderr, str) else stderr.decode(errors="replace")
     if done.returncode != 0:
         return fallback, FAILED, f"exit code {done.returncode} (environment.log)", done.stderr
-    return json.loads(done.stdout), PASSED, "", done.stderr
+    try:
+        return json.loads(done.stdout), PASSED, "", done.stderr
+    except ValueError:
+        return fallback, FAILED, "its output was not JSON (environment.log)", done.stdout + done.stderr
 
 
 def default_out(env: dict) -> Path:
@@ -117,14 +121,14 @@ def default_out(env: dict) -> Path:
 # --- the steps' commands: each returns the commands to run, or a string saying why the step is skipped
 
 
-def build_commands(ctx: Context) -> list[Command] | str:
+def build_commands(ctx: Context) -> list[Command]:
     suffixes = ("_cpu.cpp", "_cuda.cu") if ctx.device == "cuda" else ("_cpu.cpp",)
     names = sorted(path.name.rsplit(".", 1)[0] for path in (ROOT / "csrc").glob("*/*") if path.name.endswith(suffixes))
     code = "import sys; from ddfast._extension import build; build(sys.argv[1], verbose=True)"
     return [Command([sys.executable, "-c", code, name], ctx.out / f"build-{name}.log") for name in names]
 
 
-def test_commands(ctx: Context, files: list[str] = TEST_FILES) -> list[Command]:
+def suite_commands(ctx: Context, files: tuple[str, ...] = TEST_FILES) -> list[Command]:
     argv = [sys.executable, "-m", "pytest", "-v", "--tb=short", "-p", "no:cacheprovider", f"--junitxml={ctx.out / 'tests.xml'}", *files]
     return [Command(argv + (["-k", TINY_TESTS] if ctx.tiny else []), ctx.out / "tests.log")]
 
@@ -148,6 +152,7 @@ def mnist_root(explicit: str | None) -> Path | str:
         root = data_root(explicit)
     except FileNotFoundError as exc:
         return str(exc)
+    root = root.resolve()
     return root if (root / "MNIST" / "raw").is_dir() else f"MNIST is not under {root} (pass --data-root or set $DDFAST_DATA_ROOT)"
 
 
@@ -164,7 +169,12 @@ def dm_commands(ctx: Context) -> list[Command] | str:
 # --- the steps' key figures, read from what they wrote (also after a failure or a timeout) -------
 
 
-def test_figures(out: Path) -> dict:
+def newest(paths) -> Path:
+    """The most recently written of ``paths`` (a folder reused on another day holds several)."""
+    return max(paths, key=lambda path: path.stat().st_mtime)
+
+
+def suite_figures(out: Path) -> dict:
     """Counts from tests.xml (from tests.log's result lines when pytest was stopped before writing it),
     the failed tests' ids and pytest's summary line."""
     text = (out / "tests.log").read_text(errors="replace") if (out / "tests.log").exists() else ""
@@ -191,7 +201,7 @@ def benchmark_figures(out: Path) -> dict:
     """The run's JSON and CSV, its cases by status, its acceptance checks; its table into benchmarks.md."""
     from benchmarks import report
 
-    [path] = sorted(p for p in out.glob("*.json") if re.search(r"-\d{4}-\d{2}-\d{2}\.json$", p.name))
+    path = newest(p for p in out.glob("*.json") if re.search(r"-\d{4}-\d{2}-\d{2}\.json$", p.name))
     doc = json.loads(path.read_text())
     (out / "benchmarks.md").write_text(report.table(doc))
     statuses = Counter(r["status"] for r in doc["results"])
@@ -201,7 +211,7 @@ def benchmark_figures(out: Path) -> dict:
 
 
 def unroll_figures(out: Path) -> dict:
-    [path] = sorted(out.glob("*-unroll-memory.json"))
+    path = newest(out.glob("*-unroll-memory.json"))
     rows = json.loads(path.read_text())["results"]
     peaks = "; ".join(f"{r['mode']} {r['syn_steps']}: " + ("failed" if r["peak_mib"] is None else f"{r['peak_mib']:.0f} MiB") for r in rows)
     return {"json": path.name, "results": rows, "headline": f"peak memory by syn_steps: {peaks}"}
@@ -219,9 +229,9 @@ def dm_figures(out: Path) -> dict:
     return figures
 
 
-COMMANDS = {"build": build_commands, "tests": test_commands, "benchmarks": benchmark_commands, "unroll-memory": unroll_commands,
+COMMANDS = {"build": build_commands, "tests": suite_commands, "benchmarks": benchmark_commands, "unroll-memory": unroll_commands,
             "dm-mnist": dm_commands}
-FIGURES = {"tests": test_figures, "benchmarks": benchmark_figures, "unroll-memory": unroll_figures, "dm-mnist": dm_figures}
+FIGURES = {"tests": suite_figures, "benchmarks": benchmark_figures, "unroll-memory": unroll_figures, "dm-mnist": dm_figures}
 
 
 def run_step(name: str, ctx: Context, limit_s: float, skip: str | None) -> dict:
@@ -286,7 +296,7 @@ def main(argv: list[str] | None = None) -> int:
     limit = budget.limit("environment")
     log(f"environment ({args.device}) ...")
     env, status, note, stderr = environment(args.device, limit)
-    out = args.out or default_out(env)
+    out = (args.out or default_out(env)).resolve()
     out.mkdir(parents=True, exist_ok=True)
     (out / "environment.json").write_text(json.dumps(env, indent=1) + "\n")
     (out / "environment.log").write_text(stderr)

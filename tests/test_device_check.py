@@ -49,15 +49,15 @@ def test_the_tests_step_reports_failures_with_counts_and_ids(tmp_path):
     tests.write_text("import pytest\n\ndef test_a(): pass\n\ndef test_b(): pass\n\n"
                      "def test_c(): assert 1 == 2\n\n@pytest.mark.skip(reason='no')\ndef test_d(): pass\n")
     ctx = device_check.Context(tmp_path, "cpu", False, None)
-    status, note = check_runner.run(device_check.test_commands(ctx, [str(tests)]), 120, device_check.child_env("cpu"), tmp_path)
+    status, note = check_runner.run(device_check.suite_commands(ctx, (str(tests),)), 120, device_check.child_env("cpu"), tmp_path)
     assert (status, note) == ("failed", "exit code 1 (tests.log)")
-    figures = device_check.test_figures(tmp_path)
+    figures = device_check.suite_figures(tmp_path)
     assert (figures["passed"], figures["failed"], figures["errors"], figures["skipped"]) == (2, 1, 0, 1)
     assert figures["failed_tests"] == ["test_sample::test_c"]
     assert figures["summary_line"].startswith("1 failed, 2 passed, 1 skipped in")
     (tmp_path / "tests.xml").unlink()  # pytest stopped before writing it: the counts come from the log
-    assert device_check.test_figures(tmp_path)["failed_tests"] == ["test_sample.py::test_c"]
-    assert device_check.test_figures(tmp_path)["passed"] == 2
+    assert device_check.suite_figures(tmp_path)["failed_tests"] == ["test_sample.py::test_c"]
+    assert device_check.suite_figures(tmp_path)["passed"] == 2
 
 
 def test_a_command_over_its_limit_is_interrupted_then_recorded(tmp_path):
