@@ -24,6 +24,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from . import _extension
+
 AUTO = "auto"
 TRIAL_REPEATS = 3
 
@@ -85,6 +87,27 @@ class Backend:
     missing: Callable[[], str | None] = lambda: None
     float64: bool = True
     refuses: Callable[[torch.Tensor], str | None] = lambda like: None
+
+
+def _cuda_extension_missing(extension: str) -> str | None:
+    if not torch.cuda.is_available():
+        return "no CUDA device is available"
+    return _extension.missing(extension)
+
+
+def cpu_extension(module, extension: str) -> Backend:
+    """Backend ``cpu``: ``module`` implements the protocol over ``csrc/``'s ``extension`` (built on first use)."""
+    return Backend("cpu", on_cpu, load=lambda: module, missing=lambda: _extension.missing(extension))
+
+
+def cuda_extension(module, extension: str) -> Backend:
+    """Backend ``cuda``: ``module`` implements the protocol over ``csrc/``'s ``extension`` (built on first use)."""
+    return Backend("cuda", on_cuda, load=lambda: module, missing=lambda: _cuda_extension_missing(extension))
+
+
+def triton_kernels(load: Callable[[], object], refuses: Callable[[torch.Tensor], str | None] = lambda like: None) -> Backend:
+    """Backend ``triton``: ``load()`` imports the op's Triton module (importing Triton, so only when it runs)."""
+    return Backend("triton", triton_runs_on, load=load, missing=triton_missing, refuses=refuses)
 
 
 def synchronize(device: torch.device) -> None:

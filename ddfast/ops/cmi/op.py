@@ -16,37 +16,23 @@ from typing import Optional
 
 import torch
 
-from ... import _checks, _extension, _transforms
-from ..._backends import Backend, Registry, accumulation_dtype, on_cpu, on_cuda, triton_missing, triton_runs_on
+from ... import _checks, _transforms
+from ..._backends import Registry, accumulation_dtype, cpu_extension, cuda_extension, triton_kernels
 from .._reduction import reduce, row_grads
+from . import cpu, cuda, streaming
 from .segments import Segments
 
 
-def _streaming():
-    from . import streaming
-    return streaming
-
-
-def _cpu():
-    from . import cpu
-    return cpu
-
-
 def _triton():
-    from . import triton
+    from . import triton  # imports Triton: only once a Triton kernel runs
     return triton
 
 
-def _cuda():
-    from . import cuda
-    return cuda
-
-
-REGISTRY = Registry("cmi_loss", preference={"cpu": ("cpu",), "cuda": ("triton", "cuda")}, streaming=_streaming,
+REGISTRY = Registry("cmi_loss", preference={"cpu": ("cpu",), "cuda": ("triton", "cuda")}, streaming=lambda: streaming,
                     race={"cuda": ("triton", "cuda")})
-REGISTRY.add(Backend("cpu", on_cpu, load=_cpu, missing=lambda: _extension.missing("cmi_cpu")))
-REGISTRY.add(Backend("triton", triton_runs_on, load=_triton, missing=triton_missing))
-REGISTRY.add(Backend("cuda", on_cuda, load=_cuda, missing=lambda: _extension.missing("cmi_cuda")))
+REGISTRY.add(cpu_extension(cpu, "cmi_cpu"))
+REGISTRY.add(triton_kernels(_triton))
+REGISTRY.add(cuda_extension(cuda, "cmi_cuda"))
 
 
 def check_values(labels: torch.Tensor, num_classes: int, centroids: torch.Tensor | None) -> None:

@@ -15,26 +15,16 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from ... import _checks, _extension, _transforms
-from ..._backends import Backend, Registry, accumulation_dtype, on_cpu, triton_missing, triton_runs_on
+from ... import _checks, _transforms
+from ..._backends import Registry, accumulation_dtype, cpu_extension, triton_kernels
 from .._reduction import reduce, row_grads
-from . import positives, rows
+from . import cpu, positives, rows, streaming
 
 TRITON_MAX_DIM = 1024  # the Triton kernels hold whole rows of D on chip
 
 
-def _streaming():
-    from . import streaming
-    return streaming
-
-
-def _cpu():
-    from . import cpu
-    return cpu
-
-
 def _triton():
-    from . import triton
+    from . import triton  # imports Triton: only once a Triton kernel runs
     return triton
 
 
@@ -44,9 +34,9 @@ def _triton_refuses(like: Tensor) -> Optional[str]:
     return None
 
 
-REGISTRY = Registry("infonce", preference={"cuda": ("triton", "torch"), "cpu": ("cpu", "torch")}, streaming=_streaming)
-REGISTRY.add(Backend("cpu", on_cpu, load=_cpu, missing=lambda: _extension.missing("infonce_cpu")))
-REGISTRY.add(Backend("triton", triton_runs_on, load=_triton, missing=triton_missing, refuses=_triton_refuses))
+REGISTRY = Registry("infonce", preference={"cuda": ("triton", "torch"), "cpu": ("cpu", "torch")}, streaming=lambda: streaming)
+REGISTRY.add(cpu_extension(cpu, "infonce_cpu"))
+REGISTRY.add(triton_kernels(_triton, refuses=_triton_refuses))
 
 
 def check_logits(lse: Tensor, losses: Tensor, dtype: torch.dtype) -> None:

@@ -14,43 +14,22 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ... import _extension, _transforms
-from ..._backends import Backend, Registry, accumulation_dtype, on_cpu, on_cuda, triton_missing, triton_runs_on
+from ... import _transforms
+from ..._backends import Registry, accumulation_dtype, cpu_extension, cuda_extension, triton_kernels
 from .._reduction import reduce, row_grads
-from . import values
+from . import cpu, cuda, streaming, values
 from .inputs import element_aligned
 
 
-def _streaming():
-    from . import streaming
-    return streaming
-
-
-def _cpu():
-    from . import cpu
-    return cpu
-
-
 def _triton():
-    from . import triton
+    from . import triton  # imports Triton: only once a Triton kernel runs
     return triton
 
 
-def _cuda():
-    from . import cuda
-    return cuda
-
-
-def _cuda_missing() -> str | None:
-    if not torch.cuda.is_available():
-        return "no CUDA device is available"
-    return _extension.missing("trajectory_mse_cuda")
-
-
-REGISTRY = Registry("trajectory_mse", preference={"cuda": ("cuda", "triton"), "cpu": ("cpu",)}, streaming=_streaming)
-REGISTRY.add(Backend("cpu", on_cpu, load=_cpu, missing=lambda: _extension.missing("trajectory_mse_cpu")))
-REGISTRY.add(Backend("triton", triton_runs_on, load=_triton, missing=triton_missing))
-REGISTRY.add(Backend("cuda", on_cuda, load=_cuda, missing=_cuda_missing))
+REGISTRY = Registry("trajectory_mse", preference={"cuda": ("cuda", "triton"), "cpu": ("cpu",)}, streaming=lambda: streaming)
+REGISTRY.add(cpu_extension(cpu, "trajectory_mse_cpu"))
+REGISTRY.add(triton_kernels(_triton))
+REGISTRY.add(cuda_extension(cuda, "trajectory_mse_cuda"))
 
 
 @torch.library.custom_op("ddfast::trajectory_mse_forward", mutates_args=())
