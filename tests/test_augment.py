@@ -12,14 +12,55 @@ def only(op: str, **settings) -> DSA:
 
 
 @pytest.mark.parametrize("op", OPERATIONS)
-def test_siamese_same_parameters_for_both_batches(op):
+@pytest.mark.parametrize("call", ["train", "match_by_sample"])
+def test_per_sample_draws_pair_sample_i_of_each_batch(op, call):
     torch.manual_seed(0)
     real = torch.randn(9, 3, 12, 12)
     syn = real[:4].clone()
-    aug_real, aug_syn = only(op, flip=1.0 if op == "flip" else 0.5)(real, syn)
+    dsa = only(op, flip=1.0 if op == "flip" else 0.5, pairing="sample")
+    aug_real, aug_syn = dsa(real, syn) if call == "train" else dsa.match(real, syn)
     assert aug_real.shape == real.shape and aug_syn.shape == syn.shape
     torch.testing.assert_close(aug_syn, aug_real[:4], rtol=0, atol=1e-6)
     assert not torch.allclose(aug_real, real)  # it did transform
+
+
+@pytest.mark.parametrize("op", OPERATIONS)
+def test_matched_batches_get_one_transform(op):
+    """The reference's Siamese mode: every sample of the real and the synthetic batch gets the same transform."""
+    image = torch.randn(1, 3, 12, 12)
+    real, syn = image.expand(9, -1, -1, -1), image.expand(4, -1, -1, -1)
+    dsa = only(op, flip=1.0 if op == "flip" else 0.5)
+    aug_real, aug_syn = dsa.match(real, syn, generator=torch.Generator().manual_seed(0))
+    assert not torch.allclose(aug_real[0], image[0])  # it did transform
+    for out in (aug_real, aug_syn):
+        torch.testing.assert_close(out, aug_real[:1].expand_as(out), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("op", ["color", "crop", "cutout", "scale", "rotate"])
+def test_training_batches_get_one_transform_per_sample(op):
+    image = torch.randn(1, 3, 12, 12)
+    out = only(op)(image.expand(9, -1, -1, -1), generator=torch.Generator().manual_seed(0))
+    assert len({tuple(o.flatten().tolist()) for o in out}) > 1
+
+
+def test_matched_transform_is_the_first_samples_draw():
+    """match draws one sample's parameters and applies them to every sample of every batch."""
+    real, syn = torch.randn(7, 1, 10, 10), torch.randn(3, 1, 10, 10)
+    dsa = DSA()
+    aug_real, aug_syn = dsa.match(real, syn, generator=torch.Generator().manual_seed(5))
+    draw = dsa.draw(1, 10, 10, generator=torch.Generator().manual_seed(5))
+    for x, out in ((real, aug_real), (syn, aug_syn)):
+        expected = torch.cat([dsa.apply(sample[None], draw) for sample in x])
+        torch.testing.assert_close(out, expected, rtol=0, atol=1e-6)
+
+
+def test_matching_losses_use_the_configured_pairing():
+    from ddfast.distill.config import DistillConfig
+    from ddfast.distill.settings import SettingError
+
+    assert DistillConfig(method="dm", dataset="mnist", ipc=1, iterations=1, image_lr=1.0).dsa_pairing == "batch"
+    with pytest.raises(SettingError, match="dsa_pairing"):
+        DistillConfig(method="dm", dataset="mnist", ipc=1, iterations=1, image_lr=1.0, dsa_pairing="pairs")
 
 
 @pytest.mark.parametrize("op", OPERATIONS)
@@ -93,6 +134,8 @@ def test_bad_batches_and_config():
         DSA()(torch.randn(2, 1, 8, 8), torch.randn(2, 1, 9, 9))
     with pytest.raises(ValueError, match="operations"):
         DSAConfig(operations=("blur",))
+    with pytest.raises(ValueError, match="pairing"):
+        DSAConfig(pairing="pairs")
     dsa = DSA()
     with pytest.raises(ValueError, match="parameters for 2 samples"):
         dsa.apply(torch.randn(3, 1, 8, 8), dsa.draw(2, 8, 8))

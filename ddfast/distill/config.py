@@ -8,6 +8,7 @@ from typing import Any
 from .cmi_regularizer import CMIConfig
 from .mim_regularizer import MIMConfig
 from .settings import COUNT, MOMENTUM, NON_NEGATIVE_INT, OPTIONAL_COUNT, POSITIVE, Range, SettingError, check
+from .training.augment import PAIRINGS
 from .training.evaluate import EvalProtocol
 from .training.models import ModelSpec
 
@@ -24,6 +25,7 @@ class DistillConfig:
     image_momentum: float = 0.5
     real_per_class: int = 256  # real images per class drawn each iteration
     dsa: bool = True  # differentiable Siamese augmentation inside the matching loss
+    dsa_pairing: str = "batch"  # DSA on matched batches: one transform for all ("batch", the reference) or per sample ("sample")
     init: str = "real"  # synthetic set starts from random real images, or from Gaussian noise
     zca: float | None = None  # ZCA-whiten all the data with this regularisation (MTT on CIFAR: 0.1); off when None
     model: ModelSpec = field(default_factory=ModelSpec)  # the network the method matches through
@@ -45,3 +47,5 @@ class DistillConfig:
               train_per_class=OPTIONAL_COUNT, test_per_class=OPTIONAL_COUNT)
         if self.init not in INITS:
             raise SettingError("init", f"one of {INITS}", self.init)
+        if self.dsa_pairing not in PAIRINGS:
+            raise SettingError("dsa_pairing", f"one of {PAIRINGS}", self.dsa_pairing)

@@ -96,7 +96,7 @@ class GradientMatching(Method):
             for c in range(ctx.data.info.num_classes):
                 real_c, syn_c = ctx.sampler.sample(c, config.real_per_class), syn.of_class(c)
                 if self.dsa is not None:
-                    real_c, syn_c = self.dsa(real_c, syn_c)
+                    real_c, syn_c = self.dsa.match(real_c, syn_c)
                 real.append(real_c)
                 fake.append(syn_c)
             match = matching_loss(network, real, fake)

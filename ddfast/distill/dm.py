@@ -37,7 +37,7 @@ class DM(Method):
             real = ctx.sampler.sample(c, config.real_per_class)
             syn = ctx.synthetic.of_class(c)
             if self.dsa is not None:
-                real, syn = self.dsa(real, syn)
+                real, syn = self.dsa.match(real, syn)
             with torch.no_grad():
                 real_features = network.embed(real)
             match = match + mean_embedding_distance(real_features, network.embed(syn))

@@ -132,7 +132,7 @@ class Method:
         config = ctx.config
         self.check_config(config)
         self.options = self.read_options(config.options)
-        self.dsa = DSA() if config.dsa else None
+        self.dsa = DSA(DSAConfig(pairing=config.dsa_pairing)) if config.dsa else None
         self.optimizers = [torch.optim.SGD([ctx.synthetic.images], lr=config.image_lr, momentum=config.image_momentum)]
 
     @classmethod

@@ -1,9 +1,13 @@
 """Differentiable Siamese augmentation (DSA, Zhao & Bilen 2021), in torch.
 
 Each call picks one operation of ``operations`` at random (``color`` = brightness, saturation and
-contrast together) and draws its per-sample parameters once; every batch passed to the same call
-gets those same parameters (Siamese): sample i of each batch is transformed identically. Every
-operation is differentiable with respect to the images (for fixed parameters it is linear in them).
+contrast together) and draws its parameters once; every batch passed to the same call gets those
+same parameters (Siamese). ``DSA.match`` augments batches that a loss compares (a class's real and
+synthetic batch in DM and DC): as in the reference code, one draw serves every sample of every batch
+(``pairing="batch"``); ``pairing="sample"`` instead pairs sample i of each batch with draw i, a
+departure from the reference. ``DSA.__call__`` augments the batches a network trains on with one
+draw per sample. Every operation is differentiable with respect to the images (for fixed parameters
+it is linear in them).
 
 Ranges, as in the reference code: scale factors in [1/1.2, 1.2], rotations within +-15 degrees,
 translations up to 1/8 of the side (zero fill), a cutout square of half the side, horizontal flips
@@ -19,6 +23,7 @@ import torch
 import torch.nn.functional as F
 
 OPERATIONS = ("color", "crop", "cutout", "flip", "scale", "rotate")
+PAIRINGS = ("batch", "sample")
 
 
 @dataclass(frozen=True)
@@ -32,11 +37,14 @@ class DSAConfig:
     brightness: float = 0.5  # shift in [-brightness, brightness]
     saturation: float = 2.0  # factor in [0, saturation]
     contrast: float = 0.5  # factor in [1 - contrast, 1 + contrast]
+    pairing: str = "batch"  # matched batches: one draw for all samples ("batch"), or draw i for sample i ("sample")
 
     def __post_init__(self):
         unknown = [op for op in self.operations if op not in OPERATIONS]
         if unknown or not self.operations:
             raise ValueError(f"operations must be a non-empty subset of {OPERATIONS}, got {self.operations}")
+        if self.pairing not in PAIRINGS:
+            raise ValueError(f"pairing must be one of {PAIRINGS}, got {self.pairing!r}")
 
 
 @dataclass
@@ -49,24 +57,37 @@ class Draw:
     def __len__(self) -> int:
         return len(next(iter(self.values.values())))
 
+    def repeat(self, n: int) -> Draw:
+        """The first sample's parameters for ``n`` samples."""
+        return Draw(self.operation, {k: v[:1].expand(n) for k, v in self.values.items()})
+
 
 class DSA:
-    """``dsa(real, syn)`` augments both batches with the same random parameters (Siamese).
+    """``dsa.match(real, syn)`` augments batches a loss compares; ``dsa(x)`` a batch a network trains on.
 
-    Batches are (N, C, H, W) with equal C, H, W; sizes may differ (sample i of each gets draw i).
+    Batches are (N, C, H, W) with equal C, H, W; sizes may differ.
     """
 
     def __init__(self, config: DSAConfig | None = None):
         self.config = config or DSAConfig()
 
     def __call__(self, *batches: torch.Tensor, generator: torch.Generator | None = None) -> tuple[torch.Tensor, ...] | torch.Tensor:
+        """Augment with one draw per sample: sample i of each batch gets draw i."""
+        return self._augment(batches, shared=False, generator=generator)
+
+    def match(self, *batches: torch.Tensor, generator: torch.Generator | None = None) -> tuple[torch.Tensor, ...] | torch.Tensor:
+        """Augment batches that a loss compares, paired as ``config.pairing`` says."""
+        return self._augment(batches, shared=self.config.pairing == "batch", generator=generator)
+
+    def _augment(self, batches, *, shared: bool, generator):
         if not batches:
             raise ValueError("DSA needs at least one batch")
         shape = batches[0].shape[1:]
         for i, batch in enumerate(batches):
             if batch.dim() != 4 or batch.shape[1:] != shape:
                 raise ValueError(f"batch {i} must be (N, C, H, W) like batch 0 {tuple(shape)}, got {tuple(batch.shape)}")
-        draw = self.draw(max(len(b) for b in batches), shape[1], shape[2], generator=generator)
+        n = max(len(b) for b in batches)
+        draw = self.draw(1, shape[1], shape[2], generator=generator).repeat(n) if shared else self.draw(n, shape[1], shape[2], generator=generator)
         out = tuple(self.apply(batch, draw) for batch in batches)
         return out if len(out) > 1 else out[0]
 
