@@ -18,7 +18,7 @@ from torch import nn
 
 from .config import DistillConfig
 from .settings import from_dict
-from .training.augment import DSA
+from .training.augment import DSA, DSAConfig
 from .training.data import RealData, class_indices, random_per_class
 
 METHODS: dict[str, type[Method]] = {}
