@@ -299,9 +299,14 @@ class Launcher:
         self.module = registry.backends[name].load()
 
     def __getattr__(self, function: str):
-        if not callable(getattr(self.module, function)):
-            return getattr(self.module, function)
-        return functools.partial(self._launch, function)
+        implementation = getattr(self.module, function)
+        if not callable(implementation):
+            return implementation
+
+        @functools.wraps(implementation)  # keeps the protocol function's name and signature
+        def launch(*args, **kwargs):
+            return self._launch(function, *args, **kwargs)
+        return launch
 
     def _launch(self, function: str, *args, **kwargs):
         while True:
