@@ -12,13 +12,23 @@ runnable candidate runs the caller's ``trial`` once to warm up (JIT compilation,
 on, so ``auto`` is deterministic after that first call. Size buckets are powers of two of the size the
 caller gives. Operations resolve their backend inside their opaque operators, so ``torch.compile``
 never traces this.
+
+A compiled backend can still fail when its kernel launches (a Triton compile error, out of shared
+memory, a CUDA launch error, an extension that does not build). ``kernels()`` returns a ``Launcher``
+that calls the backend's protocol functions and, under ``auto``, moves on to the next backend of the
+preference order when one fails that way: one ``RuntimeWarning`` per backend and device type names the
+op, the backend, the function and the error, and ``auto`` skips that backend from then on (in the
+backward too). A forced backend raises ``BackendFailed`` from the error instead. Other errors (a
+``ValueError`` from a check, a wrong result) are never caught.
 """
 
 from __future__ import annotations
 
 import functools
 import os
+import threading
 import time
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -110,6 +120,27 @@ def triton_kernels(load: Callable[[], object], refuses: Callable[[torch.Tensor],
     return Backend("triton", triton_runs_on, load=load, missing=triton_missing, refuses=refuses)
 
 
+class BackendFailed(RuntimeError):
+    """A forced backend's kernel could not launch here (the launch error is its ``__cause__``)."""
+
+
+_LAUNCH_MESSAGES = ("CUDA error", "CUDA driver error", "no kernel image", "invalid device function", "out of resources",
+                    "too many resources requested", "ptxas", "nvrtc", "PTX JIT", "Error building extension")
+
+
+def launch_failure(exc: BaseException) -> bool:
+    """Whether ``exc`` means a backend cannot run here rather than a mistake in the inputs: a Triton error,
+    a missing module or extension, or a CUDA launch / JIT error (running out of memory is not one)."""
+    if isinstance(exc, BackendFailed):
+        return True
+    if isinstance(exc, (ValueError, TypeError, torch.OutOfMemoryError)):
+        return False
+    if isinstance(exc, ImportError) or any(k.__name__ == "TritonError" and k.__module__.startswith("triton")
+                                           for k in type(exc).__mro__):
+        return True
+    return isinstance(exc, RuntimeError) and any(text in str(exc) for text in _LAUNCH_MESSAGES)
+
+
 def synchronize(device: torch.device) -> None:
     """Wait for the work queued on ``device`` (a no-op where work runs synchronously)."""
     if device.type == "cuda":
@@ -133,6 +164,8 @@ class Registry:
     clock: Callable[[], float] = time.perf_counter
     backends: dict[str, Backend] = field(default_factory=dict)
     picks: dict[tuple, str] = field(default_factory=dict)
+    failed: dict[tuple[str, str], str] = field(default_factory=dict)
+    lock: threading.RLock = field(default_factory=threading.RLock, repr=False)
 
     def __post_init__(self):
         self.add(Backend("reference", anywhere))
@@ -147,9 +180,28 @@ class Registry:
         """What implements backend ``requested`` (``auto`` resolved) for inputs like ``like``.
 
         Called inside the operators. ``trial`` and ``size`` (default ``like.numel()``) as in ``resolve``.
+        Returns a ``Launcher``: the backend's protocol functions, falling back under ``auto`` when one
+        fails to launch.
         """
         name = self.resolve(requested, like.device, like.dtype, trial=trial, size=like.numel() if size is None else size, like=like)
-        return self.backends[name].load()
+        return Launcher(self, requested, name, like)
+
+    def fail(self, name: str, device: torch.device, what: str, exc: BaseException) -> None:
+        """Record that backend ``name`` cannot launch on ``device``'s type, warning the first time."""
+        key = (name, device.type)
+        with self.lock:
+            if key in self.failed:
+                return
+            self.failed[key] = f"{type(exc).__name__}: {exc}"
+            self.picks = {k: v for k, v in self.picks.items() if not (v == name and k[0].type == device.type)}
+        warnings.warn(f"ddfast.{self.op}: backend {name!r} failed to launch {what} on {device.type} "
+                      f"({self.failed[key][:500]}); backend='auto' uses the next backend from now on",
+                      RuntimeWarning, stacklevel=3)
+
+    def _usable(self, name: str, device: torch.device, dtype: torch.dtype, like) -> bool:
+        """``auto`` may pick ``name``: it runs here and has not failed to launch on this device type."""
+        return (name in self.backends and (name, device.type) not in self.failed
+                and self.problem(name, device, dtype, like) is None)
 
     def names(self) -> list[str]:
         return list(self.backends)
@@ -181,7 +233,7 @@ class Registry:
             if raced is not None:
                 return raced
             for name in self.preference.get(device.type, ()) + ("torch",):
-                if name in self.backends and self.problem(name, device, dtype, like) is None:
+                if name == "torch" or self._usable(name, device, dtype, like):
                     return name
             raise RuntimeError(f"{self.op}: no backend runs {dtype} tensors on {device}")
         self.check_name(requested)
@@ -197,14 +249,28 @@ class Registry:
         return requested
 
     def _raced(self, device: torch.device, dtype: torch.dtype, trial, size: int, like) -> str | None:
-        """The cached or newly measured fastest of the raced candidates, or ``None`` without a race."""
-        candidates = [n for n in self.race.get(device.type, ()) if n in self.backends and self.problem(n, device, dtype, like) is None]
-        if len(candidates) < 2 or trial is None:
-            return None
+        """The cached or newly measured fastest of the raced candidates, or ``None`` without a race.
+
+        Without a ``trial`` (e.g. in the backward) the cached pick is returned if there is one. A
+        candidate whose trial fails to launch is recorded as failed and left out.
+        """
         key = (device, dtype, max(int(size), 1).bit_length())
-        if key not in self.picks:
-            self.picks[key] = min(candidates, key=lambda name: self._time(name, device, trial))
-        return self.picks[key]
+        with self.lock:
+            if key in self.picks or trial is None:
+                return self.picks.get(key)
+            candidates = [n for n in self.race.get(device.type, ()) if self._usable(n, device, dtype, like)]
+            if len(candidates) < 2:
+                return None
+            times = {}
+            for name in candidates:
+                try:
+                    times[name] = self._time(name, device, trial)
+                except BackendFailed as exc:
+                    self.fail(name, device, "its trial", exc.__cause__ or exc)
+            if not times:
+                return None
+            self.picks[key] = min(times, key=times.get)
+            return self.picks[key]
 
     def _time(self, name: str, device: torch.device, trial: Callable[[str], object]) -> float:
         """Best of ``TRIAL_REPEATS`` timed runs of ``trial(name)`` after one warm-up run."""
@@ -217,3 +283,42 @@ class Registry:
             synchronize(device)
             best = min(best, self.clock() - start)
         return best
+
+
+class Launcher:
+    """Backend ``name``'s protocol functions, as resolved from ``requested`` for inputs like ``like``.
+
+    Each call runs the backend's function. When it fails to launch (``launch_failure``), a forced
+    backend raises ``BackendFailed`` from the error; ``auto`` records the failure in the registry and
+    runs the same call, and every later one, on the next backend (``torch`` last, which is not retried).
+    """
+
+    def __init__(self, registry: Registry, requested: str, name: str, like: torch.Tensor):
+        self._registry, self._requested, self._like = registry, requested, like
+        self.name = name
+        self.module = registry.backends[name].load()
+
+    def __getattr__(self, function: str):
+        implementation = getattr(self.module, function)
+        if not callable(implementation):
+            return implementation
+
+        @functools.wraps(implementation)  # keeps the protocol function's name and signature
+        def launch(*args, **kwargs):
+            return self._launch(function, *args, **kwargs)
+        return launch
+
+    def _launch(self, function: str, *args, **kwargs):
+        while True:
+            try:
+                return getattr(self.module, function)(*args, **kwargs)
+            except Exception as exc:
+                if self.name == "torch" or not launch_failure(exc):
+                    raise
+                if self._requested != AUTO:
+                    raise BackendFailed(f"ddfast.{self._registry.op}: backend={self.name!r} failed to launch {function} "
+                                        f"here ({type(exc).__name__}: {exc})") from exc
+                like = self._like
+                self._registry.fail(self.name, like.device, function, exc)
+                self.name = self._registry.resolve(AUTO, like.device, like.dtype, size=like.numel(), like=like)
+                self.module = self._registry.backends[self.name].load()
