@@ -264,3 +264,19 @@ def test_without_a_trial_auto_keeps_the_raced_pick():
     trial = timed_trial(clock, {"slow": 2.0, "fast": 1.0}, calls)
     assert reg.resolve(AUTO, torch.device("cpu"), torch.float32, trial=trial, size=8) == "fast"
     assert reg.resolve(AUTO, torch.device("cpu"), torch.float32, size=8) == "fast"  # e.g. the backward
+def test_first_eager_call_of_every_op_leaves_dynamo_unimported():
+    import subprocess
+    import sys
+    script = """
+import sys, torch, ddfast
+x = torch.randn(6, 4, dtype=torch.float64, requires_grad=True)
+labels = torch.arange(6) % 3
+ddfast.infonce(x, x.detach() + 1, temperature=0.5, backend="torch").backward()
+ddfast.cmi_loss(x, labels, num_classes=3, backend="torch").backward()
+ddfast.trajectory_mse([x], [x.detach() + 1], [x.detach() - 1], backend="torch").backward()
+assert x.grad is not None and x.grad.abs().sum() > 0
+print("torch._dynamo" in sys.modules)
+"""
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "False"

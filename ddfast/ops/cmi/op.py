@@ -16,7 +16,7 @@ from typing import Optional
 
 import torch
 
-from ... import _checks, _transforms
+from ... import _checks, _custom_ops, _transforms
 from ..._backends import Registry, accumulation_dtype, cpu_extension, cuda_extension, triton_kernels
 from .._reduction import reduce, row_grads
 from . import cpu, cuda, streaming
@@ -63,7 +63,7 @@ def kernel_layout(features: torch.Tensor, labels: torch.Tensor, centroids: torch
             None if centroids is None else centroids.contiguous())
 
 
-@torch.library.custom_op("ddfast::cmi_forward", mutates_args=())
+@_custom_ops.custom_op("ddfast::cmi_forward")
 def cmi_forward(features: torch.Tensor, labels: torch.Tensor, centroids: Optional[torch.Tensor], num_classes: int,
                 temperature: float, reduction: str, backend: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """features (N, K) float, labels (N,) int64, centroids (C, K) or None (batch centroids).
@@ -107,7 +107,7 @@ def _(features, labels, centroids, num_classes, temperature, reduction, backend)
     return loss, features.new_empty(n, dtype=acc), features.new_empty((n, 2), dtype=acc), features.new_empty((num_classes, k), dtype=acc)
 
 
-@torch.library.custom_op("ddfast::cmi_backward", mutates_args=())
+@_custom_ops.custom_op("ddfast::cmi_backward")
 def cmi_backward(grad: torch.Tensor, features: torch.Tensor, labels: torch.Tensor, kl: torch.Tensor, norm: torch.Tensor,
                  log_q: torch.Tensor, batch_centroids: bool, temperature: float, reduction: str, backend: str) -> torch.Tensor:
     """d(loss)/d(features) (N, K) in the features' dtype, from ``cmi_forward``'s saved outputs.

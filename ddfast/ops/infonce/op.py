@@ -15,7 +15,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from ... import _checks, _transforms
+from ... import _checks, _custom_ops, _transforms
 from ..._backends import Registry, accumulation_dtype, cpu_extension, triton_kernels
 from .._reduction import reduce, row_grads
 from . import cpu, positives, rows, streaming
@@ -88,7 +88,7 @@ def _check_recomputable(p: _Prepared, scale: float) -> None:
                          f"use float64 inputs, or backend='reference'")
 
 
-@torch.library.custom_op("ddfast::infonce_forward", mutates_args=())
+@_custom_ops.custom_op("ddfast::infonce_forward")
 def infonce_forward(query: Tensor, key: Tensor, query_labels: Optional[Tensor], key_labels: Optional[Tensor],
                     temperature: Tensor, normalize: bool, reduction: str, backend: str) -> tuple[Tensor, Tensor]:
     """The loss of queries (N, D) against keys (M, D) in their dtype, reduced (a scalar, or (N,) for
@@ -110,7 +110,7 @@ def _(query, key, query_labels, key_labels, temperature, normalize, reduction, b
     return loss, query.new_empty(n, dtype=accumulation_dtype(query.dtype))
 
 
-@torch.library.custom_op("ddfast::infonce_backward", mutates_args=())
+@_custom_ops.custom_op("ddfast::infonce_backward")
 def infonce_backward(grad: Tensor, query: Tensor, key: Tensor, query_labels: Optional[Tensor],
                      key_labels: Optional[Tensor], temperature: Tensor, lse: Tensor, normalize: bool,
                      reduction: str, need_query: bool, need_key: bool, need_temperature: bool,

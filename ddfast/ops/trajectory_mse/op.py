@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ... import _transforms
+from ... import _custom_ops, _transforms
 from ..._backends import Registry, accumulation_dtype, cpu_extension, cuda_extension, triton_kernels
 from .._reduction import reduce, row_grads
 from . import cpu, cuda, streaming, values
@@ -32,7 +32,7 @@ REGISTRY.add(triton_kernels(_triton))
 REGISTRY.add(cuda_extension(cuda, "trajectory_mse_cuda"))
 
 
-@torch.library.custom_op("ddfast::trajectory_mse_forward", mutates_args=())
+@_custom_ops.custom_op("ddfast::trajectory_mse_forward")
 def trajectory_mse_forward(student: list[Tensor], start: list[Tensor], target: list[Tensor], trajectories: int,
                            reduction: str, backend: str) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """(loss, per_trajectory, den, exponent) from checked lists (see :mod:`.inputs`).
@@ -78,7 +78,7 @@ def _forward_vmap(info, in_dims, student, start, target, trajectories, reduction
     return tuple(torch.stack(per_entry) for per_entry in zip(*outputs)), (0, 0, 0, 0)
 
 
-@torch.library.custom_op("ddfast::trajectory_mse_backward", mutates_args=())
+@_custom_ops.custom_op("ddfast::trajectory_mse_backward")
 def trajectory_mse_backward(grad: Tensor, per_trajectory: Tensor, den: Tensor, exponent: Tensor, student: list[Tensor],
                             start: list[Tensor], target: list[Tensor], needs: list[bool], backend: str) -> list[Tensor]:
     """The gradients flagged in ``needs`` (3 flags per tensor: student's, start's, target's), in that order,

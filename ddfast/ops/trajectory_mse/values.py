@@ -17,7 +17,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ... import _checks
+from ... import _checks, _custom_ops
 from ..._backends import accumulation_dtype
 from .inputs import NAMES, rows
 
@@ -76,7 +76,7 @@ def out_of_range(numerator: Tensor, denominator: Tensor, elements: int, dtype: t
     return ~finite | (numerator < floor) | (denominator <= floor)
 
 
-@torch.library.custom_op("ddfast::trajectory_mse_check_values", mutates_args=())
+@_custom_ops.custom_op("ddfast::trajectory_mse_check_values")
 def check_values(maxima: Tensor, denominator: Tensor) -> None:
     """:func:`check_finite` then :func:`check_denominator`, as an operator: it runs on real tensors under
     ``torch.func.vmap`` (once per entry) and stays one node of a ``torch.compile`` graph."""
