@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from ..._cache import cache_dir
 from .. import checkpoint
 from ..progress import bar, logger
 from ..settings import COUNT, MOMENTUM, NON_NEGATIVE, OPTIONAL_COUNT, POSITIVE, check, to_dict
@@ -22,8 +23,6 @@ from .data import RealData, random_per_class
 from .loop import accuracy, train_network
 from .models import ModelSpec
 from .seeding import derive_seed, seeded
-
-CACHE_ENV = "DDFAST_CACHE_DIR"
 
 
 @dataclass(frozen=True)
@@ -42,12 +41,6 @@ class PretrainSpec:
     def __post_init__(self):
         check(self, pool=COUNT, epochs=COUNT, lr=POSITIVE, momentum=MOMENTUM, weight_decay=NON_NEGATIVE, batch_size=COUNT,
               train_per_class=OPTIONAL_COUNT)
-
-
-def cache_dir(path: str | os.PathLike | None = None) -> Path:
-    if path is not None:
-        return Path(path)
-    return Path(os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "ddfast")
 
 
 def pretrained_pool(
