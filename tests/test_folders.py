@@ -194,7 +194,8 @@ def test_distill_evaluate_and_buffer_on_an_image_folder(tmp_path, monkeypatch, c
     assert synthetic["images"].shape == (3, 3, 16, 16) and synthetic["classes"] == list(CLASSES)
     assert main(["evaluate", str(out / "synthetic.pt"), "--models", "1", "--epochs", "1", "--cache-dir", str(tmp_path / "cache"), "--quiet"]) == 0
     assert "random real test accuracy" in capsys.readouterr().out
-    assert main(["buffer", "--ipc", "1", *common, "--set", "options.experts.experts=1", "--set", "options.experts.epochs=2", "--set", "options.max_start_epoch=1",
-                 "--set", "options.expert_epochs=1", "--set", "options.experts.train_per_class=None"]) == 0
+    experts = ["options.experts.experts=1", "options.experts.epochs=2", "options.max_start_epoch=1", "options.expert_epochs=1",
+               "options.experts.train_per_class=None"]
+    assert main(["buffer", "--ipc", "1", *common, *(arg for setting in experts for arg in ("--set", setting))]) == 0
     [buffer] = (tmp_path / "cache" / "buffers").iterdir()
     assert buffer.name.startswith("imagefolder-tree-convnet-") and (buffer / "expert-0000.pt").is_file()
