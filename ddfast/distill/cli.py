@@ -23,22 +23,23 @@ def main(argv: list[str] | None = None) -> int:
 
 def _parser() -> argparse.ArgumentParser:
     from . import METHODS, PRESETS
-    from .training.data import DATASETS
+    from .training.data import DATASETS, FOLDER_PREFIX
 
     parser = argparse.ArgumentParser(prog="ddfast", description="Dataset distillation with fused kernels.")
     commands = parser.add_subparsers(required=True, metavar="COMMAND")
 
-    def run_options(p: argparse.ArgumentParser, *, cache: bool = True) -> None:
+    def run_options(p: argparse.ArgumentParser) -> None:
         p.add_argument("--device", help="torch device (default: cuda when available, else cpu)")
         p.add_argument("--data-root", help="folder holding the datasets (default: $DDFAST_DATA_ROOT, else ../shared/data)")
         p.add_argument("--download", action="store_true", help="download the dataset if it is missing")
-        if cache:
-            p.add_argument("--cache-dir", help="cache of pre-trained networks and expert buffers (default: $DDFAST_CACHE_DIR, else ~/.cache/ddfast)")
+        p.add_argument("--cache-dir", help="cache of decoded image folders, pre-trained networks and expert buffers "
+                                           "(default: $DDFAST_CACHE_DIR, else ~/.cache/ddfast)")
         p.add_argument("--quiet", action="store_true", help="no progress bars or messages")
 
     def config_options(p: argparse.ArgumentParser, *, method_required: bool) -> None:
         p.add_argument("--method", required=method_required, default="dm", choices=sorted(METHODS))
-        p.add_argument("--dataset", required=True, help=f"one of {sorted(DATASETS)}")
+        p.add_argument("--dataset", required=True, help=f"one of {sorted(DATASETS)}, or {FOLDER_PREFIX}<path> "
+                                                        "(a tree <path>/{train,val}/<class>/<image>); resize with --set image_size=N")
         p.add_argument("--ipc", type=int, required=method_required, default=10, help="synthetic images per class")
         p.add_argument("--preset", default="upstream", choices=PRESETS, help="hyperparameters (default: upstream)")
         p.add_argument("--reg", action="append", default=[], choices=("cmi", "mim"),
@@ -77,7 +78,7 @@ def _parser() -> argparse.ArgumentParser:
 
     p = commands.add_parser("evaluate", help="evaluate a synthetic set against the random-real baseline")
     p.add_argument("synthetic", help="a synthetic.pt written by ddfast distill")
-    run_options(p, cache=False)
+    run_options(p)
     p.add_argument("--models", type=int, help="networks to train (default: the run's protocol)")
     p.add_argument("--epochs", type=int, help="training epochs per network")
     p.add_argument("--lrs", help="candidate learning rates, comma separated, chosen on the validation split")
@@ -117,6 +118,7 @@ def _print_config(config) -> int:
 
 def _distill(args) -> int:
     from . import run, sweep
+    from .training.data import label
 
     if args.stop_after is not None and args.stop_after < 1:
         raise ValueError(f"--stop-after must be >= 1, got {args.stop_after}")
@@ -124,7 +126,7 @@ def _distill(args) -> int:
     if args.print_config:
         return _print_config(config)
     regs = "".join(f"-{name}" for name in ("cmi", "mim") if getattr(config, name) is not None)
-    out = args.out or f"runs/{config.method}-{config.dataset}-ipc{config.ipc}-{args.preset}{regs}"
+    out = args.out or f"runs/{config.method}-{label(config.dataset)}-ipc{config.ipc}-{args.preset}{regs}"
     options = dict(data_root=args.data_root, download=args.download, device=args.device, cache_dir=args.cache_dir, quiet=args.quiet,
                    restart=args.restart)
     if args.sweep:
@@ -152,7 +154,7 @@ def _checked_data(config, args):
 
     device = resolve_device(args.device)
     check_settings(config)
-    return load_data(config, args.data_root, args.download).to(device)
+    return load_data(config, args.data_root, args.download, cache_dir=args.cache_dir, quiet=args.quiet).to(device)
 
 
 def _pretrain(args) -> int:
@@ -197,7 +199,7 @@ def _evaluate(args) -> int:
     changes = [(f"evaluation.{key}", value) for key, value in (("models", args.models), ("epochs", args.epochs), ("lrs", args.lrs), ("dsa", args.dsa))
                if value is not None]
     config = override_all(from_dict(DistillConfig, saved["settings"]), changes)
-    data = load_data(config, args.data_root, args.download).to(device)
+    data = load_data(config, args.data_root, args.download, cache_dir=args.cache_dir, quiet=args.quiet).to(device)
     seed = config.seed if args.seed is None else args.seed
     evaluation = evaluate_with_baseline(saved["images"], saved["labels"], data, config.evaluation, seed=seed, lr=saved.get("eval_lr"),
                                         progress=not args.quiet)

@@ -45,7 +45,7 @@ def resolve_device(device: str | torch.device | None) -> torch.device:
 
 def check_settings(config: DistillConfig) -> None:
     """What the settings alone can tell: the method accepts them and every network fits the dataset's images."""
-    info = dataset_info(config.dataset)
+    info = dataset_info(config.dataset, config.image_size)
     method = method_class(config.method)
     method.read_options(config.options)
     method.check_config(config)

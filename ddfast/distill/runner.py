@@ -35,10 +35,12 @@ CHECKPOINT_SECONDS = 300  # also checkpoint at least this often
 SPLIT_SEED = 0  # the validation split (and pre-trained pools) are shared by runs of every seed
 
 
-def load_data(config: DistillConfig, root=None, download: bool = False) -> RealData:
-    """The run's real data: train / validation / test split as the settings say, ZCA-whitened when they say so."""
-    data = load(config.dataset, root, val_per_class=config.val_per_class, seed=SPLIT_SEED,
-                train_per_class=config.train_per_class, test_per_class=config.test_per_class, download=download)
+def load_data(config: DistillConfig, root=None, download: bool = False, *, cache_dir: str | os.PathLike | None = None,
+              quiet: bool = True) -> RealData:
+    """The run's real data: train / validation / test split as the settings say, ZCA-whitened when they say so
+    (image folders decode once into ``cache_dir``)."""
+    data = load(config.dataset, root, val_per_class=config.val_per_class, seed=SPLIT_SEED, train_per_class=config.train_per_class,
+                test_per_class=config.test_per_class, download=download, image_size=config.image_size, cache=cache_dir, quiet=quiet)
     return whiten(data, config.zca) if config.zca is not None else data
 
 
@@ -50,7 +52,7 @@ def check_start(config: DistillConfig, out_dir: str | os.PathLike, *, device: st
     check_settings(config)
     if stop_after is not None and (isinstance(stop_after, bool) or not isinstance(stop_after, int) or stop_after < 1):
         raise ValueError(f"stop_after (--stop-after) must be an integer >= 1, got {stop_after!r}")
-    info = dataset_info(config.dataset)
+    info = dataset_info(config.dataset, config.image_size)
     image_shape = (info.num_classes * config.ipc, info.channels, info.image_size, info.image_size)
     return device, check_out(Path(out_dir), to_dict(config), image_shape, restart=restart)
 
@@ -58,7 +60,8 @@ def check_start(config: DistillConfig, out_dir: str | os.PathLike, *, device: st
 def data_key(config: DistillConfig) -> dict:
     """What identifies the real training split of ``config`` (for caches)."""
     key = {"dataset": config.dataset, "val_per_class": config.val_per_class, "train_per_class": config.train_per_class, "split_seed": SPLIT_SEED}
-    return key if config.zca is None else {**key, "zca": config.zca}
+    extra = {name: getattr(config, name) for name in ("image_size", "zca") if getattr(config, name) is not None}
+    return {**key, **extra}
 
 
 def pretrain(config: DistillConfig, data: RealData, *, cache_dir: str | os.PathLike | None = None,
@@ -107,7 +110,7 @@ def run(
     log = logger(quiet)
     method_cls = method_class(config.method)
     with timed(session, "data"):
-        data = load_data(config, data_root, download).to(device)
+        data = load_data(config, data_root, download, cache_dir=cache_dir, quiet=quiet).to(device)
     check_draws(config, int(torch.bincount(data.train.labels, minlength=data.info.num_classes).min()), f"{data.info.name}'s training split")
     generator = torch.Generator().manual_seed(derive_seed(config.seed, "init"))
     synthetic = SyntheticSet.initial(data, config.ipc, config.init, generator)

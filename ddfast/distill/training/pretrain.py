@@ -58,7 +58,7 @@ def pretrained_pool(
     networks = []
     for k in range(spec.pool):
         key = derive_seed("pretrain", training, data_key, seed, k)
-        path = folder / f"{data.info.name}-{spec.model.arch}-{key:016x}.pt"
+        path = folder / f"{data.info.label}-{spec.model.arch}-{key:016x}.pt"
         model = spec.model.build(data.info.channels, data.info.num_classes, data.info.image_size).to(device)
         state = _cached(path, model, training, data_key)
         if state is None:
