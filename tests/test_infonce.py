@@ -247,26 +247,29 @@ def test_bad_input_is_named(call, error, match):
         call(q, k)
 
 
-@pytest.mark.parametrize("dtype,d", [(torch.bfloat16, 1024), (torch.float32, 1024), (torch.float16, 100)])
+@pytest.mark.parametrize("dtype,d", [(torch.bfloat16, 1024), (torch.float16, 128), (torch.float32, 1024), (torch.float16, 100)])
 def test_triton_kernels_compile_for_hopper(dtype, d):
     """Every kernel, with the launch configuration the backend picks, lowers to sm_90 code whose shared
-    memory fits a block (the widest rows of each dtype, and a small odd width)."""
+    memory fits a block (the widest rows of each dtype, narrow rows, and an odd width, which the
+    backend pads to a multiple of 16)."""
     pytest.importorskip("triton")
     import hopper
 
     from ddfast.ops.infonce.triton import _config
 
-    config = _config(d, dtype)
-    launch = {"num_warps": config.pop("num_warps"), "num_stages": config.pop("num_stages")}
     element = {torch.bfloat16: "*bf16", torch.float16: "*fp16", torch.float32: "*fp32"}[dtype]
-    common = {"constexprs": {"HAS_NORM": True, "ACC": "tl.float32", "UPCAST": False,
-                             "PRECISION": "ieee" if dtype == torch.float32 else None, **config},
-              "module": "ddfast.ops.infonce.triton", "floats": ["scale_log2e", "scale"], **launch}
     stats = {"RK": "*fp32", "MAX_OUT": "*fp32", "SUM_OUT": "*fp32", "LSE2": "*fp32", "WEIGHT": "*fp32", "OUT": "*fp32"}
-    specs = [{**common, "kernel": "_lse_kernel", "pointers": {"Q": element, "K": element, **stats}}]
-    for query_rows in (True, False):
-        specs.append({**common, "kernel": "_grad_kernel", "pointers": {"A": element, "B": element, **stats},
-                      "constexprs": {**common["constexprs"], "QUERY_ROWS": query_rows}})
+    aligned = ["d", "stride_q", "stride_k", "stride_a", "stride_b", "keys_per_split", "b_per_split"]
+    specs = []
+    for kernel, sides, variants in (("_lse_kernel", ("Q", "K"), [{}]), ("_grad_kernel", ("A", "B"), [{"QUERY_ROWS": True}, {"QUERY_ROWS": False}])):
+        config = _config(kernel.split("_")[1], -(-d // 16) * 16, dtype)
+        launch = {"num_warps": config.pop("num_warps"), "num_stages": config.pop("num_stages")}
+        pointers = {**dict.fromkeys(sides, element), **stats}
+        for variant in variants:
+            specs.append({"module": "ddfast.ops.infonce.triton", "kernel": kernel, "pointers": pointers,
+                          "floats": ["scale_log2e", "scale"], "aligned": [*pointers, *aligned], **launch,
+                          "constexprs": {"HAS_NORM": True, "ACC": "tl.float32", "UPCAST": False,
+                                         "PRECISION": "ieee" if dtype == torch.float32 else None, **config, **variant}})
     for spec, shared in zip(specs, hopper.shared_memory(specs)):
         assert 0 < shared <= hopper.SHARED_MEMORY_PER_BLOCK, (spec["kernel"], shared)
 
