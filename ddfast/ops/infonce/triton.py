@@ -1,14 +1,16 @@
 """Backend ``triton``: fused InfoNCE kernels for CUDA GPUs (and the CPU under ``TRITON_INTERPRET=1``).
 
-The protocol of ``streaming.py``. Flash-attention style: a block of query rows stays in registers
-while key tiles stream past; the logits exist only tile by tile, in the log2 domain.
+The protocol of ``streaming.py``. Flash-attention style: a program owns a block of query rows while
+key tiles stream past; the logits exist only tile by tile, in the log2 domain, each tile accumulated
+over the features in chunks (GEMM-shaped, so that Hopper runs the dots on wgmma; ``_config``).
 
 - ``_lse_kernel``: online logsumexp per query, the keys split across programs so that a few
   hundred queries still fill the GPU (split statistics merged in torch: deterministic).
 - ``_grad_kernel``: the softmax-weighted sums ``dq = scale * W (rk k)`` and ``dk = scale * W^T q``
   with the tile recomputed from the saved logsumexp. One kernel serves both: each program owns
-  rows of its output (queries for dq, keys for dk) and loops over the other side, so there are no
-  atomics and results are deterministic; the dk launch is skipped when keys need no gradient.
+  rows of its output (queries for dq, keys for dk) and a block of its features, and loops over the
+  other side, so there are no atomics and results are deterministic; the dk launch is skipped when
+  keys need no gradient.
 
 Row offsets are 64-bit (M x D may exceed 2^31 elements). Inputs are read in their own dtype
 (bf16 / fp16 tensor cores); accumulation is float32 (float64 for float64 inputs). float32 inputs use full-precision dots unless
@@ -136,18 +138,44 @@ def _grad_kernel(A, B, RK, LSE2, WEIGHT, OUT, n_a, n_b, d, stride_a, stride_b, b
     tl.store(out, acc * scale, mask=row_ok[:, None] & out_ok)
 
 
-CONFIGS = {  # (kernel, element bytes) -> tiles and launch options on a GPU
+CONFIGS = {  # (kernel, element bytes) -> tiles and launch options on a GPU; see _config
     ("lse", 2): {"BLOCK_A": 128, "BLOCK_B": 128, "BLOCK_D": 64, "num_warps": 8, "num_stages": 3},
     ("grad", 2): {"BLOCK_A": 128, "BLOCK_B": 64, "BLOCK_D": 64, "BLOCK_OUT": 256, "num_warps": 8, "num_stages": 3},
     ("lse", 4): {"BLOCK_A": 64, "BLOCK_B": 64, "BLOCK_D": 32, "num_warps": 4, "num_stages": 3},
-    ("grad", 4): {"BLOCK_A": 64, "BLOCK_B": 64, "BLOCK_D": 32, "BLOCK_OUT": 128, "num_warps": 4, "num_stages": 3},
+    ("grad", 4): {"BLOCK_A": 64, "BLOCK_B": 32, "BLOCK_D": 32, "BLOCK_OUT": 256, "num_warps": 8, "num_stages": 3},
     ("lse", 8): {"BLOCK_A": 32, "BLOCK_B": 32, "BLOCK_D": 16, "num_warps": 4, "num_stages": 2},
     ("grad", 8): {"BLOCK_A": 32, "BLOCK_B": 32, "BLOCK_D": 16, "BLOCK_OUT": 64, "num_warps": 4, "num_stages": 2},
 }
 
 
 def _config(kernel: str, d: int, dtype: torch.dtype) -> dict:
-    """Tiles and launch options on a GPU of ``kernel`` ("lse" or "grad") for feature dimension ``d``."""
+    """Tiles and launch options on a GPU of ``kernel`` ("lse" or "grad") for (padded) feature dimension ``d``.
+
+    ``CONFIGS`` by element size; BLOCK_OUT is cut to ``d`` rounded up to a power of two:
+
+    | dtype | kernel | BLOCK_A x BLOCK_B x BLOCK_D | BLOCK_OUT | warps | stages | sm_90: dots, registers, shared memory |
+    |---|---|---|---|---|---|---|
+    | bf16 / fp16 | lse | 128 x 128 x 64 | | 8 | 3 | wgmma; 123 (bf16) / 172 (fp16) regs, 96 KB |
+    | bf16 / fp16 | grad | 128 x 64 x 64 | 256 | 8 | 3 | wgmma; up to 242 regs, up to 128 KB |
+    | fp32 | lse | 64 x 64 x 32 | | 4 | 3 | wgmma (tf32) or FMA (ieee); 80 / 168 regs, 48 / 32 KB |
+    | fp32 | grad | 64 x 32 x 32 | 256 | 8 | 3 | wgmma (tf32) or FMA (ieee); up to 184 regs, 112 / 72 KB |
+    | fp64 | both | 32 x 32 x 16 | 64 | 4 | 2 | DMMA (mma.sync f64) |
+
+    No configuration spills (ptxas for sm_90a, D = 64 to 1024). The reasons:
+
+    - wgmma needs 64 rows per warpgroup: the 16-bit tiles have 128 rows on two warpgroups (8 warps).
+    - The logits tile is accumulated over the features in BLOCK_D chunks (64 bf16 = one 128-byte
+      swizzled row), so shared memory holds ``num_stages`` x (BLOCK_A + BLOCK_B) x BLOCK_D inputs
+      whatever D is (sm_90 allows 227 KB a block); the loops over keys and chunks are flattened into
+      one software pipeline. lse then fits two programs per SM (96 KB, 128 registers a thread).
+    - The gradient's accumulator BLOCK_A x BLOCK_OUT (fp32) stays in registers (128 a thread); the
+      features of the output are split across programs (grid axis 1), each recomputing the logits
+      tile over all of D: D <= 256 computes the logits once, D = 512 twice, D = 1024 four times.
+      BLOCK_OUT = 512 fits only at 255 registers and 205 KB; 128 doubles the recomputation.
+    - fp32 without tf32 runs on FMA units, whose operand registers need the smaller fp32 tiles.
+    - Rows reach the kernels padded to a multiple of 16 features (``_rows``) so that the compiler
+      knows their pitch divides by 16: loads vectorise and pipeline (an odd pitch spills and serialises).
+    """
     config = dict(CONFIGS[kernel, dtype.itemsize])
     if "BLOCK_OUT" in config:
         config["BLOCK_OUT"] = min(config["BLOCK_OUT"], max(16, triton.next_power_of_2(d)))
@@ -165,13 +193,14 @@ def _launch_config(kernel: str, d: int, dtype: torch.dtype) -> dict:
 def _programs(device: torch.device) -> int:
     """How many programs fill the device (twice its multiprocessor count)."""
     if device.type != "cuda":
-        return 4
+        return 8
     return 2 * torch.cuda.get_device_properties(device).multi_processor_count
 
 
 def _split(row_programs: int, n_other: int, block_other: int, device) -> tuple[int, int]:
-    """(splits, items per split) of the looped-over side so that row programs x splits fill the device."""
-    splits = max(1, min(triton.cdiv(_programs(device), row_programs), triton.cdiv(n_other, block_other)))
+    """(splits, items per split) of the looped-over side so that row programs x splits fill the device
+    without a nearly empty last wave (rounded down)."""
+    splits = max(1, min(_programs(device) // row_programs, triton.cdiv(n_other, block_other)))
     per_split = triton.cdiv(triton.cdiv(n_other, splits), block_other) * block_other
     return triton.cdiv(n_other, per_split), per_split
 
