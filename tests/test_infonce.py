@@ -57,8 +57,10 @@ def test_float64_matches_reference(backend, labels, normalize, reduction):
 
 
 @pytest.mark.parametrize("backend", FUSED)
-@pytest.mark.parametrize("n,m,d", [(1, 1, 1), (3, 70, 130), (70, 3, 5), (129, 257, 33)])
+@pytest.mark.parametrize("n,m,d", [(1, 1, 1), (3, 70, 130), (70, 3, 5), (129, 257, 33), (5, 200, 70)])
 def test_odd_shapes(backend, n, m, d):
+    """Odd sizes; under Triton's interpreter (16 x 16 tiles, 32-feature chunks and output blocks) they
+    cover partial row, key and feature blocks, several chunks, output blocks and key splits at once."""
     q, k, ql, kl = make(n, m, d, labels=True, classes=3)
     assert_matches_reference(backend, q, k, ql, kl, 0.5, reduction="none")
 
@@ -192,8 +194,8 @@ def test_reference_runs_through_no_operator():
         REGISTRY.kernels("reference", torch.zeros(2, 3))
 
 
-def test_triton_refuses_features_wider_than_its_rows_on_chip():
-    """Rows wider than the Triton kernels hold: ``auto`` on a GPU takes the streaming backend, a forced
+def test_triton_refuses_features_wider_than_its_limit():
+    """Rows wider than the Triton kernels take: ``auto`` on a GPU takes the streaming backend, a forced
     ``triton`` raises naming the limit (before any kernel runs)."""
     from ddfast.ops.infonce.op import TRITON_MAX_DIM
 
