@@ -260,16 +260,17 @@ def test_triton_kernels_compile_for_hopper(dtype, d):
     from ddfast.ops.infonce.triton import _config
 
     element = {torch.bfloat16: "*bf16", torch.float16: "*fp16", torch.float32: "*fp32"}[dtype]
-    stats = {"RK": "*fp32", "MAX_OUT": "*fp32", "SUM_OUT": "*fp32", "LSE2": "*fp32", "WEIGHT": "*fp32", "OUT": "*fp32"}
-    aligned = ["d", "stride_q", "stride_k", "stride_a", "stride_b", "keys_per_split", "b_per_split"]
+    kernels = [("_lse_kernel", {"Q": element, "K": element, "RK": "*fp32", "MAX_OUT": "*fp32", "SUM_OUT": "*fp32"},
+                ["d", "stride_q", "stride_k", "keys_per_split"], [{}]),
+               ("_grad_kernel", {"A": element, "B": element, **dict.fromkeys(["RK", "LSE2", "WEIGHT", "OUT"], "*fp32")},
+                ["d", "stride_a", "stride_b", "b_per_split"], [{"QUERY_ROWS": True}, {"QUERY_ROWS": False}])]
     specs = []
-    for kernel, sides, variants in (("_lse_kernel", ("Q", "K"), [{}]), ("_grad_kernel", ("A", "B"), [{"QUERY_ROWS": True}, {"QUERY_ROWS": False}])):
-        config = _config(kernel.split("_")[1], -(-d // 16) * 16, dtype)
+    for kernel, pointers, multiples_of_16, variants in kernels:
+        config = _config(kernel.split("_")[1], -(-d // 16) * 16, dtype)  # rows arrive padded to 16 features
         launch = {"num_warps": config.pop("num_warps"), "num_stages": config.pop("num_stages")}
-        pointers = {**dict.fromkeys(sides, element), **stats}
         for variant in variants:
             specs.append({"module": "ddfast.ops.infonce.triton", "kernel": kernel, "pointers": pointers,
-                          "floats": ["scale_log2e", "scale"], "aligned": [*pointers, *aligned], **launch,
+                          "floats": ["scale_log2e", "scale"], "aligned": [*pointers, *multiples_of_16], **launch,
                           "constexprs": {"HAS_NORM": True, "ACC": "tl.float32", "UPCAST": False,
                                          "PRECISION": "ieee" if dtype == torch.float32 else None, **config, **variant}})
     for spec, shared in zip(specs, hopper.shared_memory(specs)):
