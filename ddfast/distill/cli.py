@@ -1,4 +1,8 @@
-"""Command line: ``ddfast distill``, ``ddfast evaluate``, ``ddfast pretrain``, ``ddfast buffer`` (also ``python -m ddfast``)."""
+"""Command line: ``ddfast distill``, ``ddfast evaluate``, ``ddfast pretrain``, ``ddfast buffer`` (also ``python -m ddfast``).
+
+Under torchrun (``torchrun --nproc-per-node R -m ddfast ...``) ``buffer`` and ``distill`` split their
+work over the R processes; the other commands run in one process.
+"""
 
 from __future__ import annotations
 
@@ -9,16 +13,31 @@ from pathlib import Path
 
 def main(argv: list[str] | None = None) -> int:
     from .allocator import keep_freed_memory
+    from .distributed import PeerFailure
 
     parser = _parser()
     args = parser.parse_args(argv)
     keep_freed_memory()
     try:
+        _check_world(args)
         return args.command(args)
     except (ValueError, FileNotFoundError, TypeError, FloatingPointError) as exc:  # the user's mistakes, said in one line
         parser.exit(2, f"ddfast {args.name}: error: {exc}\n")
+    except PeerFailure as exc:
+        parser.exit(1, f"ddfast {args.name}: error: {exc}\n")
     except KeyboardInterrupt:
         parser.exit(130, f"ddfast {args.name}: interrupted; rerunning the same command resumes from the last checkpoint\n")
+
+
+def _check_world(args) -> None:
+    """Under torchrun (WORLD_SIZE > 1), only the commands that split their work: buffer and distill without --sweep."""
+    from .distributed import world
+
+    size = world().size
+    if size > 1 and (args.name not in ("buffer", "distill") or getattr(args, "sweep", None)):
+        command = "distill --sweep" if args.name == "distill" else args.name
+        raise ValueError(f"under torchrun (WORLD_SIZE={size}) ddfast runs buffer and distill (--method dm); "
+                         f"{command} runs in one process only: start it without torchrun")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -73,7 +92,8 @@ def _parser() -> argparse.ArgumentParser:
                                         "Processes given disjoint --shard values train disjoint experts at once.")
     config_options(p, method_required=False)
     run_options(p)
-    p.add_argument("--shard", default="0/1", metavar="I/N", help="train only the experts k with k %% N == I (default 0/1: all)")
+    p.add_argument("--shard", metavar="I/N",
+                   help="train only the experts k with k %% N == I (default: all; under torchrun rank r of R trains shard r/R)")
     p.set_defaults(command=_buffer, name="buffer", method="mtt")
 
     p = commands.add_parser("evaluate", help="evaluate a synthetic set against the random-real baseline")
@@ -118,6 +138,7 @@ def _print_config(config) -> int:
 
 def _distill(args) -> int:
     from . import run, sweep
+    from .distributed import world
     from .training.data import label
 
     if args.stop_after is not None and args.stop_after < 1:
@@ -140,6 +161,8 @@ def _distill(args) -> int:
         _report(summary["evaluation"], Path(out) / "sweep.json")
         return 0
     results = run(config, out, stop_after=args.stop_after, **options)
+    if not world().leads:  # under torchrun rank 0 speaks for all
+        return 0
     if results["status"] == "stopped":
         print(f"stopped after iteration {results['iteration']}; rerun the same command to resume")
         return 0
@@ -150,9 +173,10 @@ def _distill(args) -> int:
 def _checked_data(config, args):
     """The run's data on its device, loaded once the device and the settings have passed their checks."""
     from . import load_data, resolve_device
+    from .distributed import world
     from .preflight import check_settings
 
-    device = resolve_device(args.device)
+    device = world().device(resolve_device(args.device))
     check_settings(config)
     return load_data(config, args.data_root, args.download, cache_dir=args.cache_dir, quiet=args.quiet).to(device)
 
@@ -169,20 +193,30 @@ def _pretrain(args) -> int:
 
 
 def _buffer(args) -> int:
+    from .distributed import world as current_world
     from .mtt import MTT, expert_buffer
     from .runner import data_key
     from .training.buffers import parse_shard
 
-    shard = parse_shard(args.shard)
+    world = current_world()
+    if world.distributed and args.shard is not None:
+        raise ValueError(f"--shard cannot be combined with torchrun (WORLD_SIZE={world.size}): rank r trains shard r/{world.size}")
+    shard = world.shard() if world.distributed else parse_shard(args.shard or "0/1")
     if args.method != "mtt":
         raise ValueError(f"expert buffers are for --method mtt, got {args.method!r}")
     config = _config(args)
     if args.print_config:
         return _print_config(config)
     data = _checked_data(config, args)
-    folder, _ = expert_buffer(MTT.read_options(config.options), config, data, data_key(config),
-                              cache_dir=args.cache_dir, shard=shard, quiet=args.quiet)
-    print(f"experts of shard {shard[0]}/{shard[1]} are in {folder}")
+    with world.group(data.train.images.device):
+        folder, _ = expert_buffer(MTT.read_options(config.options), config, data, data_key(config),
+                                  cache_dir=args.cache_dir, shard=shard, quiet=args.quiet or not world.leads)
+        world.barrier("waiting for the other ranks' experts")
+    if world.distributed:
+        if world.leads:
+            print(f"experts of shards 0/{world.size} to {world.size - 1}/{world.size} are in {folder}")
+    else:
+        print(f"experts of shard {shard[0]}/{shard[1]} are in {folder}")
     return 0
 
 
