@@ -23,12 +23,13 @@ if __package__ in (None, ""):  # run as ``python benchmarks/run.py``: import fro
 import torch
 from tqdm import tqdm
 
-from benchmarks import case, cold_start, harness, ops, report
+from benchmarks import case, cold_start, harness, loops, ops, report
 from benchmarks import device as machine
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
 CASE_TIMEOUT_S = {"tiny": 120, "default": 120, "full": 1800}
+LOOP_SIZES = {"tiny": {"ipc": 1, "real_per_class": 4}, "default": {}, "full": {}}  # loops.measure's settings per preset
 EXAMPLES = """examples:
   python benchmarks/run.py                       every operation, default preset (within 5 minutes on 2 CPU cores)
   python benchmarks/run.py --full                large sizes
@@ -179,6 +180,9 @@ def main(argv: list[str] | None = None) -> int:
     doc["hardware"]["load_average_end"] = os.getloadavg()
     print("measuring cold first calls and warm calls against the reference ...", file=sys.stderr)
     doc["cold_start"] = {name: cold_start.measure(name, device) for name in op_names}
+    print("measuring distillation iterations: ddfast's path against one pass per class and side ...", file=sys.stderr)
+    doc["loops"] = loops.measure(device, **LOOP_SIZES[args.preset])
+    print(loops.table(doc["loops"]), file=sys.stderr)
     doc["checks"] = [entry for name in op_names for entry in report.checks(doc["results"], device.type, name, ops.load(name).CHECKS)]
     save()
     plots = [path for name in op_names for path in report.plot(doc, name, ops.load(name).AXIS, stem)]
