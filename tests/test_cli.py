@@ -254,12 +254,12 @@ def test_evaluate_across_architectures_prints_the_table_with_baselines(tmp_path,
     mnist_root()
     synthetic_set(tmp_path / "synthetic.pt", {**tiny_settings(capsys), "val_per_class": 4, "test_per_class": 5})
     assert main(["evaluate", str(tmp_path / "synthetic.pt"), "--arch", "convnet", "vgg11", "alexnet-bn", "--models", "2", "--epochs", "2",
-                 "--quiet"]) == 0
+                 "--set", "evaluation.batch_size=8", "--quiet"]) == 0
     rows = capsys.readouterr().out.splitlines()
     assert rows[0] == "| architecture | distilled (%) | random real (%) | gain (points) | lr |"
     assert [row.split(" | ")[0] for row in rows[2:5]] == ["| convnet", "| vgg11", "| alexnet-bn"]
     saved = json.loads((tmp_path / "cross-architecture.json").read_text())
-    assert saved["architectures"] == ["convnet", "vgg11", "alexnet-bn"] and saved["protocol"]["epochs"] == 2
+    assert saved["architectures"] == ["convnet", "vgg11", "alexnet-bn"] and saved["protocol"]["epochs"] == 2 and saved["protocol"]["batch_size"] == 8
     for name, row in zip(saved["architectures"], rows[2:5]):
         result = saved["evaluation"][name]
         assert len(result["synthetic"]["test"]) == len(result["random_real"]["test"]) == 2

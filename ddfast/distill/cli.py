@@ -84,6 +84,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--lrs", help="candidate learning rates, comma separated, chosen on the validation split")
     p.add_argument("--dsa", choices=("on", "off"), help="augment evaluation training with DSA")
     p.add_argument("--seed", type=int, help="seed of the networks and the random-real subset (default: the run's)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a setting of the run, e.g. evaluation.batch_size=128 or test_per_class=100 (repeatable)")
     p.add_argument("--arch", nargs="+", choices=list(ARCH_NAMES), metavar="NAME",
                    help="evaluate on each of these architectures, with the same protocol: convnet, resnet18, vgg11 (instance norm) "
                         "and alexnet (no norm) as in the reference code, NAME-bn with batch norm instead; "
@@ -106,12 +108,18 @@ def _config(args):
         mim_weight = 0.0 if mim and mim_weight is None else mim_weight
     config = preset(args.method, args.dataset, args.ipc, args.preset, cmi=cmi, cmi_weight=cmi_weight, mim=mim, mim_weight=mim_weight)
     changes = [(key, value) for key, value in (("iterations", args.iterations), ("seed", args.seed)) if value is not None]
-    for item in args.set:
+    return override_all(config, changes + _set_changes(args.set))
+
+
+def _set_changes(items: list[str]) -> list[tuple[str, str]]:
+    """The (key, value) pairs of ``--set KEY=VALUE`` options."""
+    changes = []
+    for item in items:
         key, sep, value = item.partition("=")
         if not sep:
             raise ValueError(f"--set takes KEY=VALUE, got {item!r}")
         changes.append((key.strip(), value.strip()))
-    return override_all(config, changes)
+    return changes
 
 
 def _print_config(config) -> int:
@@ -206,7 +214,7 @@ def _evaluate(args) -> int:
         raise ValueError(f"--out {out} would put the plot over the synthetic set's picture {plot}: choose another file name")
     changes = [(f"evaluation.{key}", value) for key, value in (("models", args.models), ("epochs", args.epochs), ("lrs", args.lrs), ("dsa", args.dsa))
                if value is not None]
-    config = override_all(from_dict(DistillConfig, saved["settings"]), changes)
+    config = override_all(from_dict(DistillConfig, saved["settings"]), changes + _set_changes(args.set))
     data = load_data(config, args.data_root, args.download).to(device)
     seed = config.seed if args.seed is None else args.seed
     options = dict(seed=seed, lr=saved.get("eval_lr"), progress=not args.quiet)
