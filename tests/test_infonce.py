@@ -57,8 +57,10 @@ def test_float64_matches_reference(backend, labels, normalize, reduction):
 
 
 @pytest.mark.parametrize("backend", FUSED)
-@pytest.mark.parametrize("n,m,d", [(1, 1, 1), (3, 70, 130), (70, 3, 5), (129, 257, 33)])
+@pytest.mark.parametrize("n,m,d", [(1, 1, 1), (3, 70, 130), (70, 3, 5), (129, 257, 33), (5, 200, 70)])
 def test_odd_shapes(backend, n, m, d):
+    """Odd sizes; under Triton's interpreter (16 x 16 tiles, 32-feature chunks and output blocks) they
+    cover partial row, key and feature blocks, several chunks, output blocks and key splits at once."""
     q, k, ql, kl = make(n, m, d, labels=True, classes=3)
     assert_matches_reference(backend, q, k, ql, kl, 0.5, reduction="none")
 
@@ -192,8 +194,8 @@ def test_reference_runs_through_no_operator():
         REGISTRY.kernels("reference", torch.zeros(2, 3))
 
 
-def test_triton_refuses_features_wider_than_its_rows_on_chip():
-    """Rows wider than the Triton kernels hold: ``auto`` on a GPU takes the streaming backend, a forced
+def test_triton_refuses_features_wider_than_its_limit():
+    """Rows wider than the Triton kernels take: ``auto`` on a GPU takes the streaming backend, a forced
     ``triton`` raises naming the limit (before any kernel runs)."""
     from ddfast.ops.infonce.op import TRITON_MAX_DIM
 
@@ -247,26 +249,30 @@ def test_bad_input_is_named(call, error, match):
         call(q, k)
 
 
-@pytest.mark.parametrize("dtype,d", [(torch.bfloat16, 1024), (torch.float32, 1024), (torch.float16, 100)])
+@pytest.mark.parametrize("dtype,d", [(torch.bfloat16, 1024), (torch.float16, 128), (torch.float32, 1024), (torch.float16, 100)])
 def test_triton_kernels_compile_for_hopper(dtype, d):
     """Every kernel, with the launch configuration the backend picks, lowers to sm_90 code whose shared
-    memory fits a block (the widest rows of each dtype, and a small odd width)."""
+    memory fits a block (the widest rows of each dtype, narrow rows, and an odd width, which the
+    backend pads to a multiple of 16)."""
     pytest.importorskip("triton")
     import hopper
 
     from ddfast.ops.infonce.triton import _config
 
-    config = _config(d, dtype)
-    launch = {"num_warps": config.pop("num_warps"), "num_stages": config.pop("num_stages")}
     element = {torch.bfloat16: "*bf16", torch.float16: "*fp16", torch.float32: "*fp32"}[dtype]
-    common = {"constexprs": {"HAS_NORM": True, "ACC": "tl.float32", "UPCAST": False,
-                             "PRECISION": "ieee" if dtype == torch.float32 else None, **config},
-              "module": "ddfast.ops.infonce.triton", "floats": ["scale_log2e", "scale"], **launch}
-    stats = {"RK": "*fp32", "MAX_OUT": "*fp32", "SUM_OUT": "*fp32", "LSE2": "*fp32", "WEIGHT": "*fp32", "OUT": "*fp32"}
-    specs = [{**common, "kernel": "_lse_kernel", "pointers": {"Q": element, "K": element, **stats}}]
-    for query_rows in (True, False):
-        specs.append({**common, "kernel": "_grad_kernel", "pointers": {"A": element, "B": element, **stats},
-                      "constexprs": {**common["constexprs"], "QUERY_ROWS": query_rows}})
+    kernels = [("_lse_kernel", {"Q": element, "K": element, "RK": "*fp32", "MAX_OUT": "*fp32", "SUM_OUT": "*fp32"},
+                ["d", "stride_q", "stride_k", "keys_per_split"], [{}]),
+               ("_grad_kernel", {"A": element, "B": element, **dict.fromkeys(["RK", "LSE2", "WEIGHT", "OUT"], "*fp32")},
+                ["d", "stride_a", "stride_b", "b_per_split"], [{"QUERY_ROWS": True}, {"QUERY_ROWS": False}])]
+    specs = []
+    for kernel, pointers, multiples_of_16, variants in kernels:
+        config = _config(kernel.split("_")[1], -(-d // 16) * 16, dtype)  # rows arrive padded to 16 features
+        launch = {"num_warps": config.pop("num_warps"), "num_stages": config.pop("num_stages")}
+        for variant in variants:
+            specs.append({"module": "ddfast.ops.infonce.triton", "kernel": kernel, "pointers": pointers,
+                          "floats": ["scale_log2e", "scale"], "aligned": [*pointers, *multiples_of_16], **launch,
+                          "constexprs": {"HAS_NORM": True, "ACC": "tl.float32", "UPCAST": False,
+                                         "PRECISION": "ieee" if dtype == torch.float32 else None, **config, **variant}})
     for spec, shared in zip(specs, hopper.shared_memory(specs)):
         assert 0 < shared <= hopper.SHARED_MEMORY_PER_BLOCK, (spec["kernel"], shared)
 

@@ -3,7 +3,7 @@ import torch
 from loops_support import one_thread  # noqa: F401  (autouse)
 from torch import nn
 
-from ddfast.distill.training.models import ARCH_NAMES, VGG11, AlexNet, ConvNet, ModelSpec, ResNet18, named_model
+from ddfast.distill.training.models import ARCH_NAMES, VGG11, AlexNet, ConvNet, ModelSpec, ResNet18, convnet_depth, named_model
 
 
 @pytest.mark.parametrize("channels, size", [(1, 28), (3, 32)])
@@ -95,7 +95,7 @@ def test_vgg11_and_alexnet_pad_28_pixels_to_32(network, name):
     assert first.padding == ((1, 1) if name == "vgg11" else (2, 2))
 
 
-@pytest.mark.parametrize("name, features", [("resnet18", 512), ("vgg11", 512 * 2 * 2), ("alexnet", 192 * 8 * 8), ("convnet", 128 * 8 * 8)])
+@pytest.mark.parametrize("name, features", [("resnet18", 512), ("vgg11", 512 * 2 * 2), ("alexnet", 192 * 8 * 8), ("convnet", 128 * 4 * 4)])
 def test_evaluation_architectures_on_larger_images(name, features):
     net = named_model(name).build(3, 200, 64)
     x = torch.randn(2, 3, 64, 64)
@@ -113,3 +113,12 @@ def test_named_models_keep_the_convnet_shape_and_refuse_unknown_names():
         VGG11(3, 10, 16)
     with pytest.raises(ValueError, match="alexnet needs images of at least 8 pixels"):
         AlexNet(3, 10, 4)
+
+
+def test_convnet_depth_follows_the_image_size_unless_set():
+    assert [convnet_depth(s) for s in (16, 28, 32, 33, 64, 100, 128, 256)] == [3, 3, 3, 4, 4, 5, 5, 6]
+    for size, depth in ((28, 3), (64, 4), (128, 5)):  # ConvNet, ConvNetD4, ConvNetD5 of the reference code
+        net = ModelSpec(width=8).build(3, 10, size)
+        assert net.depth == depth and sum(isinstance(m, nn.AvgPool2d) for m in net.modules()) == depth
+        assert net.embed(torch.randn(1, 3, size, size)).shape == (1, 8 * 4 * 4)
+    assert ModelSpec(width=8, depth=3).build(3, 10, 64).embed(torch.randn(1, 3, 64, 64)).shape == (1, 8 * 8 * 8)
