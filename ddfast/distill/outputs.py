@@ -98,7 +98,7 @@ def save_architecture_plot(path: str | os.PathLike, results: dict, title: str) -
     import matplotlib.pyplot as plt
 
     names = list(results)
-    fig, ax = plt.subplots(figsize=(1.2 * len(names) + 2, 3.5))
+    fig, ax = plt.subplots(figsize=(1.2 * len(names) + 3, 3.5))
     for shift, key, label in ((-0.2, "synthetic", "distilled"), (0.2, "random_real", "random real")):
         means = [100 * results[name][key]["test_mean"] for name in names]
         stds = [100 * results[name][key]["test_std"] for name in names]
@@ -106,7 +106,7 @@ def save_architecture_plot(path: str | os.PathLike, results: dict, title: str) -
     ax.set_xticks(range(len(names)), names)
     ax.set_ylabel("test accuracy (%)")
     ax.set_title(title)
-    ax.legend(loc="lower right")
+    ax.legend(loc="upper left", bbox_to_anchor=(1, 1), frameon=False)
     fig.tight_layout()
     with checkpoint.atomic_path(path) as tmp:
         fig.savefig(tmp, format="png", dpi=120)
