@@ -250,6 +250,35 @@ def test_evaluate_names_what_is_not_a_synthetic_set(tmp_path, monkeypatch, capsy
     assert (tmp_path / "synthetic.pt").read_bytes() == before and json.loads((tmp_path / "results.json").read_text()) == {"status": "done"}
 
 
+def test_evaluate_across_architectures_prints_the_table_with_baselines(tmp_path, capsys):
+    mnist_root()
+    synthetic_set(tmp_path / "synthetic.pt", {**tiny_settings(capsys), "val_per_class": 4, "test_per_class": 5})
+    assert main(["evaluate", str(tmp_path / "synthetic.pt"), "--arch", "convnet", "vgg11", "alexnet-bn", "--models", "2", "--epochs", "2",
+                 "--set", "evaluation.batch_size=8", "--quiet"]) == 0
+    rows = capsys.readouterr().out.splitlines()
+    assert rows[0] == "| architecture | distilled (%) | random real (%) | gain (points) | lr |"
+    assert [row.split(" | ")[0] for row in rows[2:5]] == ["| convnet", "| vgg11", "| alexnet-bn"]
+    saved = json.loads((tmp_path / "cross-architecture.json").read_text())
+    assert saved["architectures"] == ["convnet", "vgg11", "alexnet-bn"] and saved["protocol"]["epochs"] == 2 and saved["protocol"]["batch_size"] == 8
+    for name, row in zip(saved["architectures"], rows[2:5]):
+        result = saved["evaluation"][name]
+        assert len(result["synthetic"]["test"]) == len(result["random_real"]["test"]) == 2
+        assert f"{100 * result['random_real']['test_mean']:.2f} +- {100 * result['random_real']['test_std']:.2f}" in row
+    assert saved["evaluation"]["convnet"]["model"]["width"] == 16 and saved["evaluation"]["alexnet-bn"]["model"]["norm"] == "batchnorm"
+    assert (tmp_path / "cross-architecture.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_evaluate_refuses_an_unknown_architecture(tmp_path, monkeypatch, capsys):
+    no_work(monkeypatch)
+    with pytest.raises(SystemExit) as exit:
+        main(["evaluate", str(tmp_path / "synthetic.pt"), "--arch", "convnet", "vgg"])
+    err = capsys.readouterr().err
+    assert exit.value.code == 2 and "argument --arch: invalid choice: 'vgg'" in err and "alexnet-bn" in err
+    synthetic_set(tmp_path / "synthetic.pt", tiny_settings(capsys))
+    assert "would put the plot over the synthetic set's picture" in refused(
+        ["evaluate", str(tmp_path / "synthetic.pt"), "--arch", "convnet", "--out", str(tmp_path / "synthetic.json")], capsys)
+
+
 def test_pretrain_and_buffer_refuse_before_loading_data(monkeypatch, capsys):
     no_work(monkeypatch)
     assert "device must be" in refused(["pretrain", "--dataset", "mnist", "--preset", "quick", "--device", "foo"], capsys)

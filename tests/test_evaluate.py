@@ -4,8 +4,9 @@ import pytest
 import torch
 from loops_support import one_thread  # noqa: F401  (autouse)
 
+from ddfast.distill.training import evaluate as evaluation
 from ddfast.distill.training.data import DatasetInfo, RealData, Split
-from ddfast.distill.training.evaluate import EvalProtocol, evaluate, evaluate_with_baseline, random_real
+from ddfast.distill.training.evaluate import EvalProtocol, evaluate, evaluate_architectures, evaluate_with_baseline, random_real
 from ddfast.distill.training.loop import accuracy, train_network
 from ddfast.distill.training.models import ModelSpec
 
@@ -70,6 +71,30 @@ def test_baseline_is_a_random_real_subset_evaluated_identically(data):
     assert out["random_real"]["test"] == direct.test
     with pytest.raises(ValueError, match="same number of images per class"):
         evaluate_with_baseline(syn.images[1:], syn.labels[1:], data, TINY)
+
+
+def test_each_architecture_is_evaluated_with_its_baseline_under_the_protocol(data):
+    syn = blobs(2, 7)
+    protocol = dataclasses.replace(TINY, epochs=3)
+    out = evaluate_architectures(syn.images, syn.labels, data, protocol, ["convnet-bn", "convnet"], seed=1, lr=0.02)
+    assert list(out) == ["convnet-bn", "convnet"]
+    batchnorm = ModelSpec(width=8, depth=2, norm="batchnorm")
+    assert out["convnet"]["model"] == dataclasses.asdict(TINY.model) and out["convnet-bn"]["model"] == dataclasses.asdict(batchnorm)
+    direct = evaluate_with_baseline(syn.images, syn.labels, data, dataclasses.replace(protocol, model=batchnorm), seed=1, lr=0.02)
+    assert {key: out["convnet-bn"][key] for key in direct} == direct
+    assert direct["synthetic"]["lr"] == 0.02 and direct["random_real"]["lr"] == 0.01
+    assert out["convnet-bn"]["synthetic"]["test"] != out["convnet"]["synthetic"]["test"] and out["convnet"]["seconds"] > 0
+
+
+def test_architecture_names_are_checked_before_any_training(data, monkeypatch):
+    monkeypatch.setattr(evaluation, "train_network", lambda *a, **k: pytest.fail("trained before refusing"))
+    syn = blobs(1, 7)
+    with pytest.raises(ValueError, match=r"arch must be one of \[.*\], got 'vgg'"):
+        evaluate_architectures(syn.images, syn.labels, data, TINY, ["convnet", "vgg"])
+    with pytest.raises(ValueError, match=r"each architecture once, got \['convnet'\]"):
+        evaluate_architectures(syn.images, syn.labels, data, TINY, ["convnet", "alexnet", "convnet"])
+    with pytest.raises(ValueError, match="at least one architecture"):
+        evaluate_architectures(syn.images, syn.labels, data, TINY, [])
 
 
 def test_protocol_validation():

@@ -43,6 +43,7 @@ def _check_world(args) -> None:
 def _parser() -> argparse.ArgumentParser:
     from . import METHODS, PRESETS
     from .training.data import DATASETS, FOLDER_PREFIX
+    from .training.models import ARCH_NAMES
 
     parser = argparse.ArgumentParser(prog="ddfast", description="Dataset distillation with fused kernels.")
     commands = parser.add_subparsers(required=True, metavar="COMMAND")
@@ -104,7 +105,14 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--lrs", help="candidate learning rates, comma separated, chosen on the validation split")
     p.add_argument("--dsa", choices=("on", "off"), help="augment evaluation training with DSA")
     p.add_argument("--seed", type=int, help="seed of the networks and the random-real subset (default: the run's)")
-    p.add_argument("--out", help="JSON file for the results (default: evaluation.json beside the synthetic set)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a setting of the run, e.g. evaluation.batch_size=128 or test_per_class=100 (repeatable)")
+    p.add_argument("--arch", nargs="+", choices=list(ARCH_NAMES), metavar="NAME",
+                   help="evaluate on each of these architectures, with the same protocol: convnet, resnet18, vgg11 (instance norm) "
+                        "and alexnet (no norm) as in the reference code, NAME-bn with batch norm instead; "
+                        f"choices: {', '.join(ARCH_NAMES)} (default: the run's own evaluation network)")
+    p.add_argument("--out", help="JSON file for the results (default: evaluation.json beside the synthetic set, "
+                                 "cross-architecture.json with --arch, and a .png plot beside it)")
     p.set_defaults(command=_evaluate, name="evaluate")
     return parser
 
@@ -121,12 +129,18 @@ def _config(args):
         mim_weight = 0.0 if mim and mim_weight is None else mim_weight
     config = preset(args.method, args.dataset, args.ipc, args.preset, cmi=cmi, cmi_weight=cmi_weight, mim=mim, mim_weight=mim_weight)
     changes = [(key, value) for key, value in (("iterations", args.iterations), ("seed", args.seed)) if value is not None]
-    for item in args.set:
+    return override_all(config, changes + _set_changes(args.set))
+
+
+def _set_changes(items: list[str]) -> list[tuple[str, str]]:
+    """The (key, value) pairs of ``--set KEY=VALUE`` options."""
+    changes = []
+    for item in items:
         key, sep, value = item.partition("=")
         if not sep:
             raise ValueError(f"--set takes KEY=VALUE, got {item!r}")
         changes.append((key.strip(), value.strip()))
-    return override_all(config, changes)
+    return changes
 
 
 def _print_config(config) -> int:
@@ -222,24 +236,46 @@ def _buffer(args) -> int:
 
 def _evaluate(args) -> int:
     from . import DistillConfig, checkpoint, load_data, resolve_device
-    from .outputs import check_evaluation_out, load_synthetic
+    from .outputs import check_evaluation_out, load_synthetic, save_architecture_plot
     from .settings import from_dict, override_all, to_dict
-    from .training.evaluate import evaluate_with_baseline
+    from .training.evaluate import evaluate_architectures, evaluate_with_baseline
 
     device = resolve_device(args.device)
     saved = load_synthetic(args.synthetic)
-    out = Path(args.out) if args.out else Path(args.synthetic).with_name("evaluation.json")
-    check_evaluation_out(out, Path(args.synthetic))
+    synthetic = Path(args.synthetic)
+    out = Path(args.out) if args.out else synthetic.with_name("cross-architecture.json" if args.arch else "evaluation.json")
+    check_evaluation_out(out, synthetic)
+    plot = out.with_suffix(".png")
+    if args.arch and plot.resolve() == synthetic.with_suffix(".png").resolve():
+        raise ValueError(f"--out {out} would put the plot over the synthetic set's picture {plot}: choose another file name")
     changes = [(f"evaluation.{key}", value) for key, value in (("models", args.models), ("epochs", args.epochs), ("lrs", args.lrs), ("dsa", args.dsa))
                if value is not None]
-    config = override_all(from_dict(DistillConfig, saved["settings"]), changes)
+    config = override_all(from_dict(DistillConfig, saved["settings"]), changes + _set_changes(args.set))
     data = load_data(config, args.data_root, args.download, cache_dir=args.cache_dir, quiet=args.quiet).to(device)
     seed = config.seed if args.seed is None else args.seed
-    evaluation = evaluate_with_baseline(saved["images"], saved["labels"], data, config.evaluation, seed=seed, lr=saved.get("eval_lr"),
-                                        progress=not args.quiet)
+    options = dict(seed=seed, lr=saved.get("eval_lr"), progress=not args.quiet)
+    if args.arch:
+        results = evaluate_architectures(saved["images"], saved["labels"], data, config.evaluation, args.arch, **options)
+        checkpoint.save_json({"synthetic": str(args.synthetic), "protocol": to_dict(config.evaluation), "architectures": args.arch,
+                              "evaluation": results}, out)
+        save_architecture_plot(plot, results, f"{data.info.name}, {len(saved['labels']) // data.info.num_classes} images per class")
+        print(_architecture_table(results))
+        print(f"details in {out}, plot in {plot}")
+        return 0
+    evaluation = evaluate_with_baseline(saved["images"], saved["labels"], data, config.evaluation, **options)
     checkpoint.save_json({"synthetic": str(args.synthetic), "protocol": to_dict(config.evaluation), "evaluation": evaluation}, out)
     _report(evaluation, out)
     return 0
+
+
+def _architecture_table(results: dict) -> str:
+    """The cross-architecture results of ``evaluate_architectures`` as a Markdown table (test accuracy, %)."""
+    lines = ["| architecture | distilled (%) | random real (%) | gain (points) | lr |", "|---|---|---|---|---|"]
+    for name, result in results.items():
+        syn, rnd = result["synthetic"], result["random_real"]
+        lines.append(f"| {name} | {100 * syn['test_mean']:.2f} +- {100 * syn['test_std']:.2f} | {100 * rnd['test_mean']:.2f} +- "
+                     f"{100 * rnd['test_std']:.2f} | {100 * result['improvement']:+.2f} | {syn['lr']:g} |")
+    return "\n".join(lines)
 
 
 def _report(evaluation: dict, where: Path) -> None:

@@ -1,4 +1,5 @@
-"""What a run leaves behind: the synthetic set (``synthetic.pt``) and a picture of it (``synthetic.png``)."""
+"""What a run leaves behind: the synthetic set (``synthetic.pt``) and a picture of it (``synthetic.png``);
+what a cross-architecture evaluation leaves: a bar plot of its accuracies."""
 
 from __future__ import annotations
 
@@ -87,3 +88,26 @@ def save_grid(path: str | os.PathLike, images: torch.Tensor, info: DatasetInfo |
     info = dataset_info(info) if isinstance(info, str) else info
     with checkpoint.atomic_path(path) as tmp:
         save_image(denormalize(images.detach().cpu().float(), info), tmp, nrow=per_row, padding=1, format="png")
+
+
+def save_architecture_plot(path: str | os.PathLike, results: dict, title: str) -> None:
+    """PNG bar plot of ``evaluate_architectures``' results: distilled and random-real test accuracy (mean +- std) per architecture."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = list(results)
+    fig, ax = plt.subplots(figsize=(1.2 * len(names) + 3, 3.5))
+    for shift, key, label in ((-0.2, "synthetic", "distilled"), (0.2, "random_real", "random real")):
+        means = [100 * results[name][key]["test_mean"] for name in names]
+        stds = [100 * results[name][key]["test_std"] for name in names]
+        ax.bar([i + shift for i in range(len(names))], means, 0.4, yerr=stds, capsize=3, label=label)
+    ax.set_xticks(range(len(names)), names)
+    ax.set_ylabel("test accuracy (%)")
+    ax.set_title(title)
+    ax.legend(loc="upper left", bbox_to_anchor=(1, 1), frameon=False)
+    fig.tight_layout()
+    with checkpoint.atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=120)
+    plt.close(fig)

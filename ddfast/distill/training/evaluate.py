@@ -6,12 +6,14 @@ validation and test sets. When several learning rates are offered, one network p
 first and the rate is chosen on the validation split; the test set never takes part in a choice.
 ``evaluate_with_baseline`` does the same for a random subset of real training images with as many
 images per class, with the same network seeds, so every result shows its improvement over random.
+``evaluate_architectures`` repeats that on several architectures, as DD papers' cross-architecture tables.
 """
 
 from __future__ import annotations
 
 import statistics
-from dataclasses import asdict, dataclass, field
+import time
+from dataclasses import asdict, dataclass, field, replace
 
 import torch
 from torch import nn
@@ -21,7 +23,7 @@ from ..settings import COUNT, MOMENTUM, NON_NEGATIVE, POSITIVE, check
 from .augment import DSA
 from .data import RealData, Split, random_per_class
 from .loop import accuracy, train_network
-from .models import ModelSpec
+from .models import ModelSpec, named_model
 from .seeding import derive_seed, seeded
 
 
@@ -141,3 +143,27 @@ def evaluate_with_baseline(
         "random_real": baseline.summary(),
         "improvement": synthetic.test_mean - baseline.test_mean,
     }
+
+
+def evaluate_architectures(
+    images: torch.Tensor, labels: torch.Tensor, data: RealData, protocol: EvalProtocol, archs: list[str] | tuple[str, ...], *,
+    seed: int = 0, lr: float | None = None, progress: bool = False,
+) -> dict:
+    """``evaluate_with_baseline`` on each architecture of ``archs`` (names of ``models.ARCH_NAMES``), in order.
+
+    Every architecture trains under ``protocol`` (epochs, learning rates, DSA, networks), as the reference
+    code evaluates all of its architectures; only the network changes. ConvNets keep the protocol's width and
+    depth. Returns {name: {"model": its ModelSpec as a dict, "seconds": wall time, **evaluate_with_baseline}}.
+    """
+    if not archs:
+        raise ValueError("archs must name at least one architecture")
+    repeated = sorted({name for name in archs if list(archs).count(name) > 1})
+    if repeated:
+        raise ValueError(f"archs must name each architecture once, got {repeated} more than once")
+    specs = {name: named_model(name, protocol.model) for name in archs}  # every name checked before any training
+    results = {}
+    for name, spec in specs.items():
+        start = time.perf_counter()
+        evaluation = evaluate_with_baseline(images, labels, data, replace(protocol, model=spec), seed=seed, lr=lr, progress=progress)
+        results[name] = {"model": asdict(spec), "seconds": time.perf_counter() - start, **evaluation}
+    return results

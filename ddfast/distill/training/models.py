@@ -1,4 +1,5 @@
-"""Networks of the distillation loops: the ConvNet of the reference code and an instance-norm ResNet-18.
+"""Networks of the distillation loops and of cross-architecture evaluation: the reference code's ConvNet,
+ResNet-18, VGG-11 and AlexNet for small images.
 
 Every model has ``embed(x) -> (N, F)`` (the flattened features before the classifier, what DM
 matches and CMI measures) and ``forward(x) -> (N, classes)`` logits; the ConvNet also has
@@ -15,7 +16,16 @@ import torch
 from torch import nn
 
 NORMS = ("instancenorm", "batchnorm", "none")
-ARCHS = ("convnet", "resnet18")
+ARCHS = ("convnet", "resnet18", "vgg11", "alexnet")
+
+# Evaluation architectures by name, as DD papers report them: each in the reference code's normalisation
+# (instance norm; AlexNet none), NAME-bn with batch norm (the reference's ConvNetBN, ResNet18BN, VGG11BN, AlexNetBN).
+ARCH_NAMES = {
+    "convnet": ("convnet", "instancenorm"), "convnet-bn": ("convnet", "batchnorm"),
+    "resnet18": ("resnet18", "instancenorm"), "resnet18-bn": ("resnet18", "batchnorm"),
+    "vgg11": ("vgg11", "instancenorm"), "vgg11-bn": ("vgg11", "batchnorm"),
+    "alexnet": ("alexnet", "none"), "alexnet-bn": ("alexnet", "batchnorm"),
+}
 
 
 def norm_layer(norm: str, channels: int) -> nn.Module:
@@ -103,6 +113,76 @@ class ResNet18(nn.Module):
         return self.classifier(self.features(x))
 
 
+def pooled_size(image_size: int, pools: int, arch: str) -> int:
+    """Side of the feature maps after ``pools`` 2x2 poolings; 28x28 input (MNIST-like) is padded to 32x32 first."""
+    size = (32 if image_size == 28 else image_size) >> pools
+    if size < 1:
+        raise ValueError(f"{arch} needs images of at least {2 ** pools} pixels (or 28), got {image_size}x{image_size}")
+    return size
+
+
+class VGG11(nn.Module):
+    """VGG-11 for small images, as in the reference code: 8 x [Conv 3x3 -> norm -> ReLU] with a 2x2 max-pool
+    after convs 1, 2, 4, 6 and 8, then Linear(512 * s * s, classes), s = image size / 32 (1 on 28 and 32 px).
+
+    Instance norm by default (the DD setting). The first conv pads by 3 on 28x28 input, as the ConvNet's.
+    """
+
+    LAYOUT = (64, "M", 128, "M", 256, 256, "M", 512, 512, "M", 512, 512, "M")
+
+    def __init__(self, channels: int, num_classes: int, image_size: int, *, norm: str = "instancenorm"):
+        super().__init__()
+        size = pooled_size(image_size, self.LAYOUT.count("M"), "vgg11")
+        layers: list[nn.Module] = []
+        inputs = channels
+        for item in self.LAYOUT:
+            if item == "M":
+                layers.append(nn.MaxPool2d(2))
+                continue
+            padding = 3 if not layers and image_size == 28 else 1
+            layers += [nn.Conv2d(inputs, item, 3, padding=padding), norm_layer(norm, item), nn.ReLU(inplace=True)]
+            inputs = item
+        self.features = nn.Sequential(*layers, nn.Flatten())
+        self.classifier = nn.Linear(512 * size * size, num_classes)
+
+    def embed(self, x: torch.Tensor) -> torch.Tensor:
+        return self.features(x)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.classifier(self.features(x))
+
+
+class AlexNet(nn.Module):
+    """AlexNet for small images, as in the reference code: Conv 5x5 (128) -> pool -> Conv 5x5 (192) -> pool ->
+    Conv 3x3 (256, 192, 192) -> pool, each conv followed by norm and ReLU, 2x2 max-pools, then
+    Linear(192 * s * s, classes), s = image size / 8 (4 on 28 and 32 px).
+
+    No normalisation by default (the reference's AlexNet; ``norm="batchnorm"`` is its AlexNetBN). The
+    first conv pads by 4 on 28x28 input, so that its maps are 32x32.
+    """
+
+    def __init__(self, channels: int, num_classes: int, image_size: int, *, norm: str = "none"):
+        super().__init__()
+        size = pooled_size(image_size, 3, "alexnet")
+
+        def conv(inputs: int, outputs: int, kernel: int, padding: int) -> list[nn.Module]:
+            return [nn.Conv2d(inputs, outputs, kernel, padding=padding), norm_layer(norm, outputs), nn.ReLU(inplace=True)]
+
+        self.features = nn.Sequential(
+            *conv(channels, 128, 5, 4 if image_size == 28 else 2), nn.MaxPool2d(2),
+            *conv(128, 192, 5, 2), nn.MaxPool2d(2),
+            *conv(192, 256, 3, 1), *conv(256, 192, 3, 1), *conv(192, 192, 3, 1), nn.MaxPool2d(2),
+            nn.Flatten(),
+        )
+        self.classifier = nn.Linear(192 * size * size, num_classes)
+
+    def embed(self, x: torch.Tensor) -> torch.Tensor:
+        return self.features(x)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.classifier(self.features(x))
+
+
 def convnet_depth(image_size: int) -> int:
     """The reference's ConvNet depth for ``image_size``: the fewest blocks (at least 3) that pool it to 4 x 4
     or less: 3 up to 32 x 32 (ConvNet), 4 at 64 x 64 (ConvNetD4), 5 at 128 x 128 (ConvNetD5)."""
@@ -131,4 +211,17 @@ class ModelSpec:
         if self.arch == "convnet":
             depth = convnet_depth(image_size) if self.depth is None else self.depth
             return ConvNet(channels, num_classes, image_size, width=self.width, depth=depth, norm=self.norm)
-        return ResNet18(channels, num_classes, norm=self.norm)
+        if self.arch == "resnet18":
+            return ResNet18(channels, num_classes, norm=self.norm)
+        network = VGG11 if self.arch == "vgg11" else AlexNet
+        return network(channels, num_classes, image_size, norm=self.norm)
+
+
+def named_model(name: str, convnet: ModelSpec | None = None) -> ModelSpec:
+    """The ModelSpec of an evaluation architecture of ``ARCH_NAMES``; ConvNets keep ``convnet``'s width and depth."""
+    if name not in ARCH_NAMES:
+        raise ValueError(f"arch must be one of {list(ARCH_NAMES)}, got {name!r}")
+    arch, norm = ARCH_NAMES[name]
+    if arch == "convnet" and convnet is not None and convnet.arch == "convnet":
+        return ModelSpec(arch=arch, width=convnet.width, depth=convnet.depth, norm=norm)
+    return ModelSpec(arch=arch, norm=norm)
