@@ -23,7 +23,7 @@ if __package__ in (None, ""):  # run as ``python benchmarks/run.py``: import fro
 import torch
 from tqdm import tqdm
 
-from benchmarks import case, cold_start, harness, ops, report
+from benchmarks import case, cold_start, distributed, harness, ops, report
 from benchmarks import device as machine
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -179,6 +179,8 @@ def main(argv: list[str] | None = None) -> int:
     doc["hardware"]["load_average_end"] = os.getloadavg()
     print("measuring cold first calls and warm calls against the reference ...", file=sys.stderr)
     doc["cold_start"] = {name: cold_start.measure(name, device) for name in op_names}
+    if "infonce" in op_names:  # from the formulas of benchmarks/distributed.py, which also checks them against the counter
+        doc["distributed_bytes"] = distributed.table()
     doc["checks"] = [entry for name in op_names for entry in report.checks(doc["results"], device.type, name, ops.load(name).CHECKS)]
     save()
     plots = [path for name in op_names for path in report.plot(doc, name, ops.load(name).AXIS, stem)]

@@ -11,6 +11,7 @@ import torch.distributed as dist
 from distributed_support import RankFailed, Ranks
 from ops_support import assert_close
 
+from benchmarks.distributed import bytes_counted
 from ddfast import cmi_loss, infonce, trajectory_mse
 from ddfast.ops import _distributed
 from ddfast.ops.cmi.reference import cmi_reference
@@ -179,6 +180,16 @@ def errors_ranks(rank: int, size: int) -> None:
 
 def test_bad_group_use_raises_on_every_rank(ranks):
     ranks(2).run(errors_ranks)
+
+
+def counted_ranks(rank: int, size: int) -> None:
+    for layout, check in bytes_counted(rank, size).items():
+        assert check["counted"] == check["formula"], (layout, check)
+
+
+@pytest.mark.parametrize("size", [2, 3])
+def test_bytes_moved_match_the_formula(ranks, size):
+    ranks(size).run(counted_ranks)
 
 
 def raising_ranks(rank: int, size: int) -> None:
