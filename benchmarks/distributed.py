@@ -94,25 +94,26 @@ def _data(n: int, m: int, d: int):
             torch.randint(0, 10, (n,), generator=gen), torch.randint(0, 10, (m,), generator=gen))
 
 
-def _call(query, key, query_labels, key_labels, **group) -> None:
+def _call(query, key, query_labels, key_labels, **options) -> None:
     query = query.detach().requires_grad_()
     key = key.detach().requires_grad_()
-    infonce(query, key, query_labels, key_labels, temperature=0.1, **group).backward()
+    infonce(query, key, query_labels, key_labels, temperature=0.1, **options).backward()
 
 
 def _shard(x: torch.Tensor, rank: int, size: int) -> torch.Tensor:
     return x.tensor_split(size)[rank]
 
 
-def bytes_counted(rank: int, size: int) -> dict:
-    """Bytes the counter saw for one small call in each layout."""
+def bytes_counted(rank: int, size: int, backend: str = "auto") -> dict:
+    """Bytes the counter saw for one small call in each layout (they do not depend on ``backend``)."""
     n, m, d = 8 * size, 24, 16
     query, key, query_labels, key_labels = _data(n, m, d)
     counted = {}
     for layout in ("replicated", "sharded"):
         q, ql = (query, query_labels) if layout == "replicated" else (_shard(query, rank, size), _shard(query_labels, rank, size))
         with _distributed.count_bytes() as moved:
-            _call(q, _shard(key, rank, size), ql, _shard(key_labels, rank, size), group=dist.group.WORLD, queries=layout)
+            _call(q, _shard(key, rank, size), ql, _shard(key_labels, rank, size), group=dist.group.WORLD, queries=layout,
+                  backend=backend)
         counted[layout] = {"counted": moved[0], "formula": ddfast_bytes(n, d, size, layout), "N": n, "M": m, "D": d}
     return counted
 

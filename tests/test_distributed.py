@@ -183,7 +183,7 @@ def test_bad_group_use_raises_on_every_rank(ranks):
 
 
 def counted_ranks(rank: int, size: int) -> None:
-    for layout, check in bytes_counted(rank, size).items():
+    for layout, check in bytes_counted(rank, size, BACKEND).items():
         assert check["counted"] == check["formula"], (layout, check)
 
 

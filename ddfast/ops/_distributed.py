@@ -89,17 +89,19 @@ def all_gather_rows(x: torch.Tensor, sizes: list[int], group) -> torch.Tensor:
     return torch.cat([part[:rows] for part, rows in zip(parts, sizes)])
 
 
-def agree(group, op: str, fields: dict[str, int], same: tuple[str, ...], failure: BaseException | None = None) -> dict[str, list[int]]:
+def agree(group, op: str, fields: dict[str, int], same: tuple[str, ...], failure: BaseException | None = None,
+          like=None) -> dict[str, list[int]]:
     """Every rank's ``fields`` (integers), gathered: ``{name: [value on rank 0, rank 1, ...]}``.
 
     ``failure``: this rank's exception from checking its arguments (``None``: they passed; its
     ``fields`` are then ignored), raised here on this rank and as :class:`RankFailed` on the others.
+    ``like``: an input tensor, whose device the collective uses (NCCL needs CUDA tensors).
     The fields named in ``same`` must be equal on every rank; every rank raises the same
     ``ValueError`` naming the field (and ``op``) where they are not.
     """
     _, size = world(group)
     values = [0] * len(fields) if failure is not None else list(fields.values())
-    mine = torch.tensor([int(failure is not None), *values], dtype=torch.int64)
+    mine = torch.tensor([int(failure is not None), *values], dtype=torch.int64, device=_device(group, like))
     parts = [torch.empty_like(mine) for _ in range(size)]
     dist.all_gather(parts, mine, group=group)
     for part in parts:
@@ -110,6 +112,13 @@ def agree(group, op: str, fields: dict[str, int], same: tuple[str, ...], failure
         if len(set(table[name])) > 1:
             raise ValueError(f"{op} with group=: {name} must be the same on every rank, got {table[name]} (rank by rank)")
     return table
+
+
+def _device(group, like) -> torch.device:
+    """``like``'s device, or where a rank whose arguments are not tensors sends: CUDA under NCCL."""
+    if isinstance(like, torch.Tensor):
+        return like.device
+    return torch.device("cuda", torch.cuda.current_device()) if dist.get_backend(group) == "nccl" else torch.device("cpu")
 
 
 def offsets(sizes: list[int]) -> list[int]:

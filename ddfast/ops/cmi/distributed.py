@@ -46,7 +46,7 @@ def agree(features, centroids, num_classes: int, temperature: float, reduction: 
         fields.update(zip(FIELDS, (features.shape[1], _DTYPES.index(features.dtype), int(centroids is not None),
                                    ("mean", "sum", "none").index(reduction), int(torch.is_grad_enabled() and features.requires_grad),
                                    num_classes, features.shape[0])))
-    table = _distributed.agree(group, NAME, fields, FIELDS[:5], failure)
+    table = _distributed.agree(group, NAME, fields, FIELDS[:5], failure, like=features)
     if centroids is not None and len(set(table["num_classes"])) > 1:
         raise ValueError(f"{NAME} with group=: centroids must have the same number of rows on every rank, got {table['num_classes']}")
     return Plan(group, max(table["num_classes"]), sum(table["rows"]), temperature, reduction, backend)

@@ -69,7 +69,7 @@ def agree(query: Tensor, key: Tensor, labelled: bool, layout: str, normalize: bo
                                    ("mean", "sum", "none").index(reduction), int(torch.is_grad_enabled() and query.requires_grad),
                                    int(torch.is_grad_enabled() and key.requires_grad), query.shape[0], key.shape[0])))
     same = FIELDS[:8] + (("query rows",) if failure is None and layout == "replicated" else ())
-    table = _distributed.agree(group, NAME, fields, same, failure)
+    table = _distributed.agree(group, NAME, fields, same, failure, like=query)
     plan = Plan(group, rank, layout, table["query rows"], table["key rows"], normalize, reduction, backend)
     if not labelled and sum(plan.key_rows) < plan.queries:
         raise ValueError(f"without labels query i's positive is key i of all ranks' keys, so they need at least "

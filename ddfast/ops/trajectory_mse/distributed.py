@@ -38,7 +38,8 @@ def agree(student: list[torch.Tensor], trajectories: int, reduction: str, backen
     if failure is None:
         fields.update(zip(FIELDS, (trajectories, _DTYPES.index(student[0].dtype), ("mean", "sum", "none").index(reduction),
                                    sum(x.numel() for x in student) // trajectories)))
-    table = _distributed.agree(group, NAME, fields, FIELDS[:3], failure)
+    table = _distributed.agree(group, NAME, fields, FIELDS[:3], failure,
+                               like=student[0] if isinstance(student, list) and student else student)
     return Plan(group, trajectories, sum(table["elements"]), reduction, backend)
 
 
