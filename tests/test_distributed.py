@@ -41,7 +41,7 @@ TOLERANCE = {torch.float64: dict(rtol=1e-10, atol=1e-12), torch.float32: dict(rt
 
 def shard_sizes(total: int, size: int) -> list[int]:
     """Uneven positive shard sizes summing to ``total`` (the last rank gets the rest)."""
-    sizes = [max(1, total // size + (-1) ** r * (r + 1)) for r in range(size - 1)]
+    sizes = [max(1, total // size - (-1) ** r * (r + 1)) for r in range(size - 1)]
     return sizes + [total - sum(sizes)]
 
 
