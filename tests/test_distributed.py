@@ -207,6 +207,11 @@ def test_a_raising_rank_fails_the_run(ranks):
     assert time.monotonic() - started < 40
 
 
+def test_sharded_queries_need_a_group():
+    with pytest.raises(ValueError, match="needs group="):
+        infonce(torch.randn(2, 3), torch.randn(2, 3), temperature=0.1, queries="sharded")
+
+
 def test_group_needs_torch_distributed():
     with pytest.raises(ValueError, match="init_process_group"):
         infonce(torch.randn(2, 3), torch.randn(2, 3), temperature=0.1, group=object())

@@ -53,6 +53,8 @@ def infonce(query: Tensor, key: Tensor, query_labels: Tensor | None = None, key_
     """
     if group is not None:
         return _sharded(query, key, query_labels, key_labels, temperature, normalize, reduction, symmetric, backend, group, queries)
+    if queries != "replicated":
+        raise ValueError(f"queries={queries!r} needs group= (a process group whose ranks hold the queries' shards)")
     _check(query, key, query_labels, key_labels, temperature, normalize, reduction, symmetric, backend)
     if query_labels is None and key.shape[0] < query.shape[0]:
         raise ValueError(f"without labels query i's positive is key i, so key needs at least N={query.shape[0]} rows, got {key.shape[0]}")
