@@ -12,6 +12,7 @@ from pathlib import Path
 
 from . import ops
 from .case import OK
+from .distributed import markdown
 
 UNITS = {"flop": ("TFLOP/s", 1e12, "matmul_tflops", "% matmul"), "byte": ("GB/s", 1e9, "bandwidth_gbs", "% bandwidth")}
 MIB = 1 << 20
@@ -81,6 +82,8 @@ def table(doc: dict) -> str:
         for r in results:
             lines.append("| " + " | ".join(_row(r, _find(doc["results"], op_name, r["shape"], r["dtype"], "reference"))) + " |")
         lines.append("")
+    if doc.get("distributed_bytes"):
+        lines += ["### infonce across processes: bytes per rank and call (forward + backward)", "", markdown(doc["distributed_bytes"]), ""]
     for op_name, problems in doc.get("not_run", {}).items():
         lines.append(f"Not run for {op_name}: " + "; ".join(f"{name} ({why})" for name, why in problems.items()))
     lines += [""] + [check_line(c) for c in doc.get("checks", [])]

@@ -23,7 +23,7 @@ if __package__ in (None, ""):  # run as ``python benchmarks/run.py``: import fro
 import torch
 from tqdm import tqdm
 
-from benchmarks import case, cold_start, harness, loops, ops, report
+from benchmarks import case, cold_start, distributed, harness, loops, ops, report
 from benchmarks import device as machine
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -183,6 +183,8 @@ def main(argv: list[str] | None = None) -> int:
     print("measuring distillation iterations: ddfast's path against one pass per class and side ...", file=sys.stderr)
     doc["loops"] = loops.measure(device, **LOOP_SIZES[args.preset])
     print(loops.table(doc["loops"]), file=sys.stderr)
+    if "infonce" in op_names:  # from the formulas of benchmarks/distributed.py, which also checks them against the counter
+        doc["distributed_bytes"] = distributed.table()
     doc["checks"] = [entry for name in op_names for entry in report.checks(doc["results"], device.type, name, ops.load(name).CHECKS)]
     save()
     plots = [path for name in op_names for path in report.plot(doc, name, ops.load(name).AXIS, stem)]

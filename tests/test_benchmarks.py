@@ -21,6 +21,7 @@ def test_run_writes_table_json_csv_and_plots(tmp_path):
     assert done.returncode == 0, done.stderr
     assert "| N=64 M=256 D=32 | float32 | reference |" in done.stdout
     assert "Not run for infonce: triton" in done.stdout
+    assert "### infonce across processes: bytes per rank and call" in done.stdout
     [json_path] = tmp_path.glob("*.json")
     doc = json.loads(json_path.read_text())
     expected = [(op, impl) for op in ops.OPS for impl in ("reference", "cpu")]
@@ -29,6 +30,7 @@ def test_run_writes_table_json_csv_and_plots(tmp_path):
         assert r["status"] == "ok", r
         assert r["forward_backward"]["median_ms"] > 0 and r["forward_backward"]["peak_bytes"] is not None
         assert r["forward_backward"]["throughput"] > 0
+    assert {(row["M"], row["R"]) for row in doc["distributed_bytes"]} == {(50_000, 2), (50_000, 8), (1_000_000, 2), (1_000_000, 8)}
     assert doc["git"]["commit"] and doc["software"]["torch"] and doc["hardware"]["cpu_count"]
     dm = doc["loops"]["dm"]
     assert dm["ddfast"]["s_per_iteration"] > 0 and dm["per-class"]["s_per_iteration"] > 0 and dm["ratio"] > 0

@@ -19,12 +19,12 @@ from torch import nn
 
 from ... import _checks, _transforms
 from ..._backends import AUTO, accumulation_dtype
-from . import op, reference
+from . import distributed, op, reference
 from .op import REGISTRY
 
 
 def cmi_loss(features: torch.Tensor, labels: torch.Tensor, num_classes: int | None = None, *, temperature: float = 1.0,
-             centroids: torch.Tensor | None = None, reduction: str = "mean", backend: str = AUTO) -> torch.Tensor:
+             centroids: torch.Tensor | None = None, reduction: str = "mean", backend: str = AUTO, group=None) -> torch.Tensor:
     """The CMI of ``features`` given ``labels``: mean (or sum, or each) of KL(P_i || Q_{y_i}).
 
     features: (N, K) float32 / float64 / bfloat16 / float16 logits or features (N, K >= 1), any
@@ -37,10 +37,16 @@ def cmi_loss(features: torch.Tensor, labels: torch.Tensor, num_classes: int | No
     centroids: None for the batch's own class means (gradients flow through them, as in the
         authors' code), or (C, K) finite probability rows (e.g. real-data centroids) held constant.
     reduction: "mean" (the CMI), "sum", or "none" for the (N,) per-sample KLs.
+    group: a ``torch.distributed`` process group: ``features`` / ``labels`` are then this rank's rows of
+        the batch, the centroids and the loss those of all ranks' rows (``none``: this rank's KLs), and
+        the gradient this rank's rows' part of the single-process one; every rank calls with the same
+        options. Not with ``backend="reference"``; ``torch.compile`` does not trace it.
     Returns a tensor in the features' dtype; computed in float32 (float64 for float64 inputs).
     Supports ``torch.func.vmap``; the fused backends refuse ``torch.func.grad`` / ``jvp``, forward-mode
     AD and double backward, which ``backend="reference"`` supports.
     """
+    if group is not None:
+        return _sharded(features, labels, num_classes, temperature, centroids, reduction, backend, group)
     if backend != "reference":
         _transforms.refuse_unsupported("ddfast.cmi_loss", features)
     features, labels, centroids, num_classes, temperature = _validated(features, labels, num_classes, temperature, centroids)
@@ -50,6 +56,23 @@ def cmi_loss(features: torch.Tensor, labels: torch.Tensor, num_classes: int | No
         _checks.finite("features", features)
         return reference.cmi_reference(features, labels, num_classes, temperature=temperature, centroids=centroids, reduction=reduction)
     return torch.ops.ddfast.cmi_forward(features, labels, centroids, num_classes, temperature, reduction, backend)[0]
+
+
+def _sharded(features, labels, num_classes, temperature, centroids, reduction, backend, group) -> torch.Tensor:
+    """``cmi_loss`` over a process group (``distributed.py``); a rank whose arguments fail the checks
+    raises its error and the others raise ``RankFailed``."""
+    failure = None
+    try:
+        if backend == "reference":
+            raise ValueError("backend='reference' does not run with group=: it needs the whole batch in one process")
+        _transforms.refuse_unsupported("ddfast.cmi_loss", features)
+        features, labels, centroids, num_classes, temperature = _validated(features, labels, num_classes, temperature, centroids)
+        _checks.reduction(reduction)
+        REGISTRY.check_name(backend)
+    except (TypeError, ValueError, NotImplementedError) as error:
+        failure = error
+    plan = distributed.agree(features, centroids, num_classes, temperature, reduction, backend, group, failure)
+    return distributed.ShardedCMI.apply(features, labels, centroids, plan)
 
 
 def cmi_per_class(features: torch.Tensor, labels: torch.Tensor, num_classes: int | None = None, *, temperature: float = 1.0,

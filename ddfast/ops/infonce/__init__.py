@@ -12,7 +12,7 @@ import torch
 from torch import Tensor, nn
 
 from ... import _checks, _transforms
-from . import reference
+from . import distributed, reference
 from .op import REGISTRY
 
 __all__ = ["infonce", "InfoNCE", "REGISTRY"]
@@ -20,7 +20,7 @@ __all__ = ["infonce", "InfoNCE", "REGISTRY"]
 
 def infonce(query: Tensor, key: Tensor, query_labels: Tensor | None = None, key_labels: Tensor | None = None, *,
             temperature: float | Tensor, normalize: bool = True, reduction: str = "mean",
-            symmetric: bool = False, backend: str = "auto") -> Tensor:
+            symmetric: bool = False, backend: str = "auto", group=None, queries: str = "replicated") -> Tensor:
     """InfoNCE / supervised-contrastive loss of queries against keys.
 
     Args:
@@ -37,6 +37,13 @@ def infonce(query: Tensor, key: Tensor, query_labels: Tensor | None = None, key_
         symmetric: average the loss of both directions (query->key and key->query), as CLIP does.
         backend: ``auto``, ``reference`` (plain torch, N x M memory), ``torch`` (streaming, pure torch),
             ``cpu`` (compiled C++), ``triton`` (CUDA GPUs; D up to 1024, where ``auto`` takes ``torch`` beyond).
+        group: a ``torch.distributed`` process group (e.g. ``torch.distributed.group.WORLD``): ``key`` and
+            ``key_labels`` are then this rank's shard of the keys, and the loss and gradients are those of
+            one process on all ranks' keys concatenated in rank order; every rank calls with the same options.
+            Not with ``symmetric`` or ``backend="reference"``; ``torch.compile`` does not trace it.
+        queries: with ``group``, ``"replicated"`` (every rank passes the same queries: it gets their whole
+            gradient) or ``"sharded"`` (each rank passes its own; index positives and the loss are over
+            all ranks' queries; ``reduction="none"`` returns this rank's rows).
 
     ``loss_i = logsumexp_j s_ij - mean_{j in P(i)} s_ij`` with ``s_ij = <q_i, k_j> / temperature``.
     Returns a scalar (or (N,) for ``reduction="none"``) in the inputs' dtype; accumulation is float32
@@ -44,7 +51,13 @@ def infonce(query: Tensor, key: Tensor, query_labels: Tensor | None = None, key_
     ``torch.func.vmap`` works on every backend; ``torch.func.grad`` / ``jvp``, forward-mode AD and
     double backward need ``backend="reference"`` (the others raise ``NotImplementedError``).
     """
+    if group is not None:
+        return _sharded(query, key, query_labels, key_labels, temperature, normalize, reduction, symmetric, backend, group, queries)
+    if queries != "replicated":
+        raise ValueError(f"queries={queries!r} needs group= (a process group whose ranks hold the queries' shards)")
     _check(query, key, query_labels, key_labels, temperature, normalize, reduction, symmetric, backend)
+    if query_labels is None and key.shape[0] < query.shape[0]:
+        raise ValueError(f"without labels query i's positive is key i, so key needs at least N={query.shape[0]} rows, got {key.shape[0]}")
     if backend == "reference":
         return reference.infonce(query, key, query_labels, key_labels, temperature=temperature,
                                  normalize=normalize, reduction=reduction, symmetric=symmetric)
@@ -72,10 +85,7 @@ def _check(query, key, query_labels, key_labels, temperature, normalize, reducti
         raise ValueError(f"query and key must have the same feature dimension, got {d} and {d_key}")
     if (query_labels is None) != (key_labels is None):
         raise ValueError("query_labels and key_labels must be given together (labelled positives) or both omitted (index positives)")
-    if query_labels is None:
-        if m < n:
-            raise ValueError(f"without labels query i's positive is key i, so key needs at least N={n} rows, got {m}")
-    else:
+    if query_labels is not None:
         for name, labels, rows in (("query_labels", query_labels, n), ("key_labels", key_labels, m)):
             _checks.labels(name, labels, rows, device)
             if labels.dtype == torch.uint64:
@@ -87,6 +97,27 @@ def _check(query, key, query_labels, key_labels, temperature, normalize, reducti
     if symmetric and reduction == "none":
         raise ValueError("symmetric=True needs reduction 'mean' or 'sum': the two directions have N and M rows")
     REGISTRY.check_name(backend)
+
+
+def _sharded(query, key, query_labels, key_labels, temperature, normalize, reduction, symmetric, backend, group, queries) -> Tensor:
+    """``infonce`` over a process group (``distributed.py``); a rank whose arguments fail the checks
+    raises its error and the others raise ``RankFailed``."""
+    failure = None
+    try:
+        _check(query, key, query_labels, key_labels, temperature, normalize, reduction, symmetric, backend)
+        if queries not in distributed.LAYOUTS:
+            raise ValueError(f"queries must be one of {distributed.LAYOUTS}, got {queries!r}")
+        if symmetric:
+            raise ValueError("symmetric=True is not supported with group=: call infonce once per direction")
+        if backend == "reference":
+            raise ValueError("backend='reference' does not run with group=: it needs every key in one process")
+        _transforms.refuse_unsupported("ddfast.infonce", query, key, temperature)
+    except (TypeError, ValueError, NotImplementedError) as error:
+        failure = error
+    plan = distributed.agree(query, key, query_labels is not None, queries, normalize, reduction, backend, group, failure)
+    if not isinstance(temperature, Tensor):
+        temperature = torch.tensor(float(temperature), dtype=torch.float64)
+    return distributed.ShardedInfoNCE.apply(query, key, temperature, query_labels, key_labels, plan)
 
 
 class InfoNCE(nn.Module):

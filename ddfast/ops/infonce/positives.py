@@ -59,13 +59,20 @@ def mean_logit(pos: Positives, query: torch.Tensor, key: torch.Tensor, key_inv_n
 
     ``query`` (N, D) normalised, in the accumulation dtype; ``key`` (M, D) raw, any float dtype.
     """
+    return logit_sums(pos, query, key, key_inv_norm, scale) / pos.count.clamp_min(1)
+
+
+def logit_sums(pos: Positives, query: torch.Tensor, key: torch.Tensor, key_inv_norm: torch.Tensor | None,
+               scale: float) -> torch.Tensor:
+    """(N,) ``scale * sum_{j in P(i)} <q_i, k_j>`` (inputs as :func:`mean_logit`): the positives' part
+    of each query's statistics that a shard of the keys contributes."""
     acc = query.dtype
     if pos.query_class is None:
         n = min(query.shape[0], key.shape[0])
         dots = (query[:n] * key_rows(key, key_inv_norm, 0, n, acc)).sum(1)
         return torch.cat([dots * scale, query.new_zeros(query.shape[0] - n)])
     sums = key_class_sums(pos, key, key_inv_norm, acc)
-    return scale * (query * sums[pos.query_class]).sum(1) / pos.count.clamp_min(1)
+    return scale * (query * sums[pos.query_class]).sum(1)
 
 
 def subtract_grads(pos: Positives, weight: torch.Tensor, query: torch.Tensor, key: torch.Tensor,

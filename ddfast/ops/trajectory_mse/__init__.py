@@ -19,7 +19,7 @@ import torch
 from torch import Tensor, nn
 
 from ... import _checks, _transforms
-from . import reference
+from . import distributed, reference
 from .inputs import as_lists
 from .op import REGISTRY
 
@@ -27,7 +27,7 @@ __all__ = ["trajectory_mse", "TrajectoryMSE", "REGISTRY"]
 
 
 def trajectory_mse(student, start, target, *, reduction: str = "mean", batched: bool | None = None,
-                   backend: str = "auto") -> Tensor:
+                   backend: str = "auto", group=None) -> Tensor:
     """Normalised distance of each student trajectory to its target.
 
     Args:
@@ -38,6 +38,10 @@ def trajectory_mse(student, start, target, *, reduction: str = "mean", batched: 
             dtype and device for all; the three match tensor by tensor. Any strides.
         reduction: ``"mean"`` or ``"sum"`` over the B trajectories, or ``"none"`` for a (B,) tensor.
         backend: ``"auto"`` or one of ``REGISTRY.names()``.
+        group: a ``torch.distributed`` process group: the arguments are then this rank's share of every
+            trajectory's parameters (some tensors or slices; B, dtype and reduction the same on every rank),
+            the loss that of all ranks' parameters and the gradients this rank's. Not with
+            ``backend="reference"``; ``torch.compile`` does not trace it.
 
     Returns:
         The loss in the inputs' dtype. Gradients flow to every input that requires one.
@@ -49,6 +53,8 @@ def trajectory_mse(student, start, target, *, reduction: str = "mean", batched: 
         NotImplementedError: for forward-mode AD, ``torch.func.grad`` / ``vjp`` / ``jacrev`` and double
             backward, except with ``backend="reference"`` (plain torch, every transform).
     """
+    if group is not None:
+        return _sharded(student, start, target, reduction, batched, backend, group)
     _checks.reduction(reduction)
     REGISTRY.check_name(backend)
     if backend == "reference":
@@ -56,6 +62,23 @@ def trajectory_mse(student, start, target, *, reduction: str = "mean", batched: 
     _transforms.refuse_unsupported("ddfast.trajectory_mse", student, start, target)
     student, start, target, trajectories = as_lists(student, start, target, batched=batched)
     return torch.ops.ddfast.trajectory_mse_forward(student, start, target, trajectories, reduction, backend)[0]
+
+
+def _sharded(student, start, target, reduction, batched, backend, group) -> Tensor:
+    """``trajectory_mse`` over a process group (``distributed.py``); a rank whose arguments fail the
+    checks raises its error and the others raise ``RankFailed``."""
+    failure, trajectories = None, 0
+    try:
+        _checks.reduction(reduction)
+        REGISTRY.check_name(backend)
+        if backend == "reference":
+            raise ValueError("backend='reference' does not run with group=: it needs every parameter in one process")
+        _transforms.refuse_unsupported("ddfast.trajectory_mse", student, start, target)
+        student, start, target, trajectories = as_lists(student, start, target, batched=batched)
+    except (TypeError, ValueError, NotImplementedError) as error:
+        failure = error
+    plan = distributed.agree(student, trajectories, reduction, backend, group, failure)
+    return distributed.ShardedTrajectoryMSE.apply(plan, *student, *start, *target)
 
 
 class TrajectoryMSE(nn.Module):
