@@ -5,9 +5,10 @@ import itertools
 
 import pytest
 import torch
-from ops_support import DEVICE, assert_all_close, assert_close, backends
+from ops_support import DEVICE, assert_all_close, assert_close, assert_fits_hopper, backends
 
 import ddfast
+from benchmarks import static_sm90
 from ddfast.ops.infonce import REGISTRY, reference
 
 FUSED = backends(REGISTRY)  # every backend but reference, in float64
@@ -250,25 +251,11 @@ def test_bad_input_is_named(call, error, match):
 @pytest.mark.parametrize("dtype,d", [(torch.bfloat16, 1024), (torch.float32, 1024), (torch.float16, 100)])
 def test_triton_kernels_compile_for_hopper(dtype, d):
     """Every kernel, with the launch configuration the backend picks, lowers to sm_90 code whose shared
-    memory fits a block (the widest rows of each dtype, and a small odd width)."""
+    memory fits a block, without spills (the widest rows of each dtype, and a small odd width). The
+    bfloat16 gradient kernels at D=1024 spill (the static sm_90 report in README)."""
     pytest.importorskip("triton")
-    import hopper
-
-    from ddfast.ops.infonce.triton import _config
-
-    config = _config(d, dtype)
-    launch = {"num_warps": config.pop("num_warps"), "num_stages": config.pop("num_stages")}
-    element = {torch.bfloat16: "*bf16", torch.float16: "*fp16", torch.float32: "*fp32"}[dtype]
-    common = {"constexprs": {"HAS_NORM": True, "ACC": "tl.float32", "UPCAST": False,
-                             "PRECISION": "ieee" if dtype == torch.float32 else None, **config},
-              "module": "ddfast.ops.infonce.triton", "floats": ["scale_log2e", "scale"], **launch}
-    stats = {"RK": "*fp32", "MAX_OUT": "*fp32", "SUM_OUT": "*fp32", "LSE2": "*fp32", "WEIGHT": "*fp32", "OUT": "*fp32"}
-    specs = [{**common, "kernel": "_lse_kernel", "pointers": {"Q": element, "K": element, **stats}}]
-    for query_rows in (True, False):
-        specs.append({**common, "kernel": "_grad_kernel", "pointers": {"A": element, "B": element, **stats},
-                      "constexprs": {**common["constexprs"], "QUERY_ROWS": query_rows}})
-    for spec, shared in zip(specs, hopper.shared_memory(specs)):
-        assert 0 < shared <= hopper.SHARED_MEMORY_PER_BLOCK, (spec["kernel"], shared)
+    may_spill = {"_grad_kernel (dq)", "_grad_kernel (dk)"} if (dtype, d) == (torch.bfloat16, 1024) else set()
+    assert_fits_hopper(static_sm90.infonce_specs(d, dtype), frozenset(may_spill))
 
 
 N, M, D = 6, 10, 5  # small odd sizes for the layout, subset and transform tests
