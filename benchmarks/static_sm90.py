@@ -109,7 +109,8 @@ def cases(op: str) -> list[tuple[dict, list[dict]]]:
 def launch(spec: dict) -> str:
     """The spec's block sizes and launch options, e.g. ``BLOCK_A=64 BLOCK_B=64 BLOCK_D=64, 4 warps, 3 stages``."""
     blocks = " ".join(f"{k}={v}" for k, v in spec["constexprs"].items() if k.isupper() and isinstance(v, int) and not isinstance(v, bool))
-    return f"{blocks}, {spec['num_warps']} warps, {spec['num_stages']} stages"
+    stages = spec["num_stages"]
+    return f"{blocks}, {spec['num_warps']} warps, {stages} stage{'s' if stages > 1 else ''}"
 
 
 def report(op_names=OPS, timeout: float = 1800) -> list[dict]:
