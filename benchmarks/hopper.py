@@ -8,8 +8,11 @@ because a test session defines kernels in interpreter mode (TRITON_INTERPRET=1);
 compiled once, and Triton's on-disk cache keeps each compiled config for the next run.
 
 A spec: {"module", "kernel", "pointers": {arg: "*bf16", ...}, "floats": [float32 scalar args],
-"constexprs": {arg: value, dtypes as "tl.float32"}, "num_warps", "num_stages"}; every other
-argument is an int32. Other keys (labels) are carried along and ignored.
+"constexprs": {arg: value, dtypes as "tl.float32"}, "num_warps", "num_stages", optionally "aligned":
+[args]}; every other argument is an int32. "aligned" names the arguments a launch finds divisible by
+16 (16-byte-aligned pointers, ints that are multiples of 16), which Triton specialises on: it decides
+whether loads vectorise and pipeline, hence the shared memory. Other keys (labels) are carried along
+and ignored.
 """
 
 from __future__ import annotations
@@ -98,7 +101,8 @@ def _compile(spec: dict) -> dict:
                   for k, v in spec["constexprs"].items()}
     signature = {name: "constexpr" if name in constexprs else
                  spec["pointers"].get(name, "fp32" if name in spec["floats"] else "i32") for name in kernel.arg_names}
-    compiled = triton.compile(ASTSource(fn=kernel, signature=signature, constexprs=constexprs),
+    attrs = {(kernel.arg_names.index(name),): [["tt.divisibility", 16]] for name in spec.get("aligned", [])}
+    compiled = triton.compile(ASTSource(fn=kernel, signature=signature, constexprs=constexprs, attrs=attrs),
                               target=GPUTarget("cuda", CAPABILITY, 32),
                               options={"num_warps": spec["num_warps"], "num_stages": spec["num_stages"]})
     assert "cubin" in compiled.asm

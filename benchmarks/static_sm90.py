@@ -27,22 +27,26 @@ TRITON_DTYPES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "
 
 
 def infonce_specs(d: int, dtype: torch.dtype, tf32: bool = False) -> list[dict]:
-    """The forward kernel and both gradient kernels (dq, dk) at ``_config(d, dtype)``; float32 dots in
-    full precision, or tf32 (what ``torch.backends.cuda.matmul.allow_tf32`` selects)."""
+    """The forward kernel and both gradient kernels (dq, dk) at ``_config(kernel, d, dtype)``, rows padded
+    to a multiple of 16 features as the backend passes them; float32 dots in full precision, or tf32
+    (what ``torch.backends.cuda.matmul.allow_tf32`` selects)."""
     from ddfast.ops.infonce.triton import _config
 
-    config = _config(d, dtype)
-    launch = {"num_warps": config.pop("num_warps"), "num_stages": config.pop("num_stages")}
     element = f"*{TRITON_DTYPES[dtype]}"
     precision = ("tf32" if tf32 else "ieee") if dtype == torch.float32 else None
-    common = {"constexprs": {"HAS_NORM": True, "ACC": "tl.float32", "UPCAST": False, "PRECISION": precision, **config},
-              "module": "ddfast.ops.infonce.triton", "floats": ["scale_log2e", "scale"], **launch}
-    stats = {"RK": "*fp32", "MAX_OUT": "*fp32", "SUM_OUT": "*fp32", "LSE2": "*fp32", "WEIGHT": "*fp32", "OUT": "*fp32"}
-    specs = [{**common, "kernel": "_lse_kernel", "variant": "", "pointers": {"Q": element, "K": element, **stats}}]
-    for query_rows in (True, False):
-        specs.append({**common, "kernel": "_grad_kernel", "variant": "dq" if query_rows else "dk",
-                      "pointers": {"A": element, "B": element, **stats},
-                      "constexprs": {**common["constexprs"], "QUERY_ROWS": query_rows}})
+    kernels = [("_lse_kernel", {"Q": element, "K": element, "RK": "*fp32", "MAX_OUT": "*fp32", "SUM_OUT": "*fp32"},
+                ["d", "stride_q", "stride_k", "keys_per_split"], [("", {})]),
+               ("_grad_kernel", {"A": element, "B": element, **dict.fromkeys(["RK", "LSE2", "WEIGHT", "OUT"], "*fp32")},
+                ["d", "stride_a", "stride_b", "b_per_split"], [("dq", {"QUERY_ROWS": True}), ("dk", {"QUERY_ROWS": False})])]
+    specs = []
+    for kernel, pointers, multiples_of_16, variants in kernels:
+        config = _config(kernel.split("_")[1], -(-d // 16) * 16, dtype)
+        launch = {"num_warps": config.pop("num_warps"), "num_stages": config.pop("num_stages")}
+        for variant, constexprs in variants:
+            specs.append({"module": "ddfast.ops.infonce.triton", "kernel": kernel, "variant": variant, "pointers": pointers,
+                          "floats": ["scale_log2e", "scale"], "aligned": [*pointers, *multiples_of_16], **launch,
+                          "constexprs": {"HAS_NORM": True, "ACC": "tl.float32", "UPCAST": False, "PRECISION": precision,
+                                         **config, **constexprs}})
     return specs
 
 

@@ -6,6 +6,10 @@ the namespace ``ddfast_<family>_<device>``, so once loaded they are ``torch.ops.
 
 Extensions are built on first use by ``torch.utils.cpp_extension`` (ninja, cached in
 ``TORCH_EXTENSIONS_DIR``) unless ``setup.py`` built them ahead of time into ``ddfast/_lib``.
+A build records its library under a key of everything that shaped it (the sources and headers, the
+flags, the torch and Python versions) in ``<cache>/extensions/<name>.json``; a later process whose key
+matches loads that library directly, without importing ``cpp_extension`` or running ninja (0.1 s of
+a cold first call on a CPU), and builds as before otherwise.
 When no compiler is present, ``load`` returns ``None`` (with the reason in ``load_error``) and
 the caller falls back to its pure-torch path. ``DDFAST_NO_EXTENSIONS=1`` disables them all.
 """
@@ -13,13 +17,18 @@ the caller falls back to its pure-torch path. ``DDFAST_NO_EXTENSIONS=1`` disable
 from __future__ import annotations
 
 import functools
+import hashlib
+import json
 import logging
 import os
 import shutil
+import sys
 import warnings
 from pathlib import Path
 
 import torch
+
+from ._cache import cache_dir
 
 _PACKAGE = Path(__file__).resolve().parent
 _PREBUILT = _PACKAGE / "_lib"
@@ -75,6 +84,56 @@ def _cpp_extension():
     return cpp_extension
 
 
+def build_key(name: str) -> str:
+    """A digest of everything that shapes extension ``name``'s library: sources, headers, flags, versions."""
+    family = name.rsplit("_", 1)[0]
+    root = csrc_dir()
+    digest = hashlib.sha256()
+    for path in sorted([*(root / "common").iterdir(), *(root / family).iterdir()]):
+        if path.is_file():
+            digest.update(path.name.encode() + b"\0" + path.read_bytes() + b"\0")
+    settings = [name, torch.__version__, str(torch.version.cuda), sys.version, CPU_FLAGS, CUDA_FLAGS,
+                os.environ.get("TORCH_CUDA_ARCH_LIST"), os.environ.get("TORCH_EXTENSIONS_DIR")]
+    digest.update(json.dumps(settings).encode())
+    return digest.hexdigest()
+
+
+def _record(name: str) -> Path:
+    return cache_dir() / "extensions" / f"{name}.json"
+
+
+def _recorded_library(name: str) -> str | None:
+    """The library a previous build of ``name`` with today's key left, if it is still there."""
+    try:
+        record = json.loads(_record(name).read_text())
+    except (OSError, ValueError):
+        return None
+    if not isinstance(record, dict) or record.get("key") != build_key(name):
+        return None
+    library = record.get("library")
+    try:  # the same file as built: a later build elsewhere may have replaced it
+        return library if record.get("stamp") == _stamp(library) else None
+    except (OSError, TypeError):
+        return None
+
+
+def _stamp(library: str) -> list[int]:
+    status = os.stat(library)
+    return [status.st_size, status.st_mtime_ns]
+
+
+def _remember(name: str, library: str) -> None:
+    """Record ``library`` as ``name``'s build for today's key (best effort: a read-only cache only costs speed)."""
+    path = _record(name)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        partial = path.with_suffix(f".{os.getpid()}.tmp")
+        partial.write_text(json.dumps({"key": build_key(name), "library": library, "stamp": _stamp(library)}))
+        os.replace(partial, path)
+    except OSError:
+        pass
+
+
 def build(name: str, *, verbose: bool = False) -> None:
     """Compile extension ``name`` with ninja (cached) and load it into this process. Raises on failure."""
     cpp_extension = _cpp_extension()
@@ -90,7 +149,7 @@ def build(name: str, *, verbose: bool = False) -> None:
         os.environ.setdefault("CUDA_HOME", home)
         if not torch.cuda.is_available():
             os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "9.0")
-    cpp_extension.load(
+    library = cpp_extension.load(
         name=f"ddfast_{name}",
         sources=[str(s) for s in sources(name)],
         extra_cflags=CPU_FLAGS if not is_cuda else ["-O3"],
@@ -100,6 +159,8 @@ def build(name: str, *, verbose: bool = False) -> None:
         is_python_module=False,
         verbose=verbose,
     )
+    if isinstance(library, str):  # the library's path (torch returns it for is_python_module=False)
+        _remember(name, library)
 
 
 @functools.cache
@@ -113,8 +174,9 @@ def load(name: str):
         return None
     try:
         prebuilt = sorted(_PREBUILT.glob(f"{name}*.so"))
-        if prebuilt:
-            torch.ops.load_library(str(prebuilt[0]))
+        library = str(prebuilt[0]) if prebuilt else _recorded_library(name)
+        if library is not None:
+            torch.ops.load_library(library)
         else:
             build(name)
     except Exception as exc:  # no compiler, no toolkit, a failing build: fall back, say why once

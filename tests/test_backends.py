@@ -264,6 +264,8 @@ def test_without_a_trial_auto_keeps_the_raced_pick():
     trial = timed_trial(clock, {"slow": 2.0, "fast": 1.0}, calls)
     assert reg.resolve(AUTO, torch.device("cpu"), torch.float32, trial=trial, size=8) == "fast"
     assert reg.resolve(AUTO, torch.device("cpu"), torch.float32, size=8) == "fast"  # e.g. the backward
+
+
 def test_first_eager_call_of_every_op_leaves_dynamo_unimported():
     import subprocess
     import sys

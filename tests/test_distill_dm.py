@@ -20,7 +20,8 @@ def test_upstream_preset():
     config = preset("dm", "cifar10", 10)
     assert (config.iterations, config.image_lr, config.image_momentum, config.real_per_class, config.dsa, config.init) == (
         20000, 1.0, 0.5, 256, True, "real")
-    assert config.model.arch == "convnet" and (config.model.width, config.model.depth, config.model.norm) == (128, 3, "instancenorm")
+    assert config.model.arch == "convnet" and (config.model.width, config.model.depth, config.model.norm) == (128, None, "instancenorm")
+    assert config.model.build(3, 10, 32).depth == 3  # depth None: the image size's (convnet_depth)
     ev = config.evaluation
     assert (ev.epochs, ev.lrs, ev.models, ev.momentum, ev.weight_decay, ev.batch_size, ev.dsa) == (1000, (0.01,), 5, 0.9, 5e-4, 256, True)
     assert config.cmi is None

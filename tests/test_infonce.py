@@ -58,8 +58,10 @@ def test_float64_matches_reference(backend, labels, normalize, reduction):
 
 
 @pytest.mark.parametrize("backend", FUSED)
-@pytest.mark.parametrize("n,m,d", [(1, 1, 1), (3, 70, 130), (70, 3, 5), (129, 257, 33)])
+@pytest.mark.parametrize("n,m,d", [(1, 1, 1), (3, 70, 130), (70, 3, 5), (129, 257, 33), (5, 200, 70)])
 def test_odd_shapes(backend, n, m, d):
+    """Odd sizes; under Triton's interpreter (16 x 16 tiles, 32-feature chunks and output blocks) they
+    cover partial row, key and feature blocks, several chunks, output blocks and key splits at once."""
     q, k, ql, kl = make(n, m, d, labels=True, classes=3)
     assert_matches_reference(backend, q, k, ql, kl, 0.5, reduction="none")
 
@@ -193,8 +195,8 @@ def test_reference_runs_through_no_operator():
         REGISTRY.kernels("reference", torch.zeros(2, 3))
 
 
-def test_triton_refuses_features_wider_than_its_rows_on_chip():
-    """Rows wider than the Triton kernels hold: ``auto`` on a GPU takes the streaming backend, a forced
+def test_triton_refuses_features_wider_than_its_limit():
+    """Rows wider than the Triton kernels take: ``auto`` on a GPU takes the streaming backend, a forced
     ``triton`` raises naming the limit (before any kernel runs)."""
     from ddfast.ops.infonce.op import TRITON_MAX_DIM
 
@@ -248,14 +250,13 @@ def test_bad_input_is_named(call, error, match):
         call(q, k)
 
 
-@pytest.mark.parametrize("dtype,d", [(torch.bfloat16, 1024), (torch.float32, 1024), (torch.float16, 100)])
+@pytest.mark.parametrize("dtype,d", [(torch.bfloat16, 1024), (torch.float16, 128), (torch.float32, 1024), (torch.float16, 100)])
 def test_triton_kernels_compile_for_hopper(dtype, d):
     """Every kernel, with the launch configuration the backend picks, lowers to sm_90 code whose shared
-    memory fits a block, without spills (the widest rows of each dtype, and a small odd width). The
-    bfloat16 gradient kernels at D=1024 spill (the static sm_90 report in README)."""
+    memory fits a block, without spills (the widest rows of each dtype, narrow rows, and an odd width,
+    which the backend pads to a multiple of 16)."""
     pytest.importorskip("triton")
-    may_spill = {"_grad_kernel (dq)", "_grad_kernel (dk)"} if (dtype, d) == (torch.bfloat16, 1024) else set()
-    assert_fits_hopper(static_sm90.infonce_specs(d, dtype), frozenset(may_spill))
+    assert_fits_hopper(static_sm90.infonce_specs(d, dtype))
 
 
 N, M, D = 6, 10, 5  # small odd sizes for the layout, subset and transform tests

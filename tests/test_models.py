@@ -3,7 +3,7 @@ import torch
 from loops_support import one_thread  # noqa: F401  (autouse)
 from torch import nn
 
-from ddfast.distill.training.models import ConvNet, ModelSpec, ResNet18
+from ddfast.distill.training.models import ConvNet, ModelSpec, ResNet18, convnet_depth
 
 
 @pytest.mark.parametrize("channels, size", [(1, 28), (3, 32)])
@@ -47,3 +47,12 @@ def test_model_spec_builds_and_validates():
     assert net.embed(torch.randn(1, 1, 28, 28)).shape == (1, 8 * 8 * 8)
     with pytest.raises(ValueError, match="arch must be one of"):
         ModelSpec(arch="vgg")
+
+
+def test_convnet_depth_follows_the_image_size_unless_set():
+    assert [convnet_depth(s) for s in (16, 28, 32, 33, 64, 100, 128, 256)] == [3, 3, 3, 4, 4, 5, 5, 6]
+    for size, depth in ((28, 3), (64, 4), (128, 5)):  # ConvNet, ConvNetD4, ConvNetD5 of the reference code
+        net = ModelSpec(width=8).build(3, 10, size)
+        assert net.depth == depth and sum(isinstance(m, nn.AvgPool2d) for m in net.modules()) == depth
+        assert net.embed(torch.randn(1, 3, size, size)).shape == (1, 8 * 4 * 4)
+    assert ModelSpec(width=8, depth=3).build(3, 10, 64).embed(torch.randn(1, 3, 64, 64)).shape == (1, 8 * 8 * 8)

@@ -33,10 +33,7 @@ def test_pool_is_trained_once_then_loaded(tmp_path, monkeypatch, capsys):
         pretrain.pretrained_pool(dataclasses.replace(tiny_pretrain(), lr=0.02), data, key, cache=tmp_path, quiet=True)
 
 
-def test_cache_location(monkeypatch, tmp_path):
-    monkeypatch.setenv(pretrain.CACHE_ENV, str(tmp_path))
-    assert pretrain.cache_dir() == tmp_path
-    assert pretrain.cache_dir(tmp_path / "x") == tmp_path / "x"
+def test_pool_size_checked():
     with pytest.raises(ValueError, match="pool"):
         pretrain.PretrainSpec(pool=0)
 

@@ -15,7 +15,8 @@ What lives where:
 - the regularisers: ``cmi_regularizer`` and ``mim_regularizer`` (MIM4DD), on the kernels of
   ``ddfast.ops.cmi`` and ``ddfast.ops.infonce``;
 - what a run relies on: ``settings`` (frozen dataclasses to and from dicts, overrides, ranges),
-  ``checkpoint`` (atomic files), ``progress`` (bars and messages), ``allocator`` (glibc's freed memory);
+  ``checkpoint`` (atomic files), ``progress`` (bars and messages), ``allocator`` (glibc's freed memory),
+  ``distributed`` (the processes of a torchrun launch and their collectives);
 - ``training``: real data, networks, augmentation, and how networks are trained and evaluated.
 
 Methods register themselves in ``METHODS`` (see ``method.Method``); importing this package

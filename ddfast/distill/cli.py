@@ -1,4 +1,8 @@
-"""Command line: ``ddfast distill``, ``ddfast evaluate``, ``ddfast pretrain``, ``ddfast buffer`` (also ``python -m ddfast``)."""
+"""Command line: ``ddfast distill``, ``ddfast evaluate``, ``ddfast pretrain``, ``ddfast buffer`` (also ``python -m ddfast``).
+
+Under torchrun (``torchrun --nproc-per-node R -m ddfast ...``) ``buffer`` and ``distill`` split their
+work over the R processes; the other commands run in one process.
+"""
 
 from __future__ import annotations
 
@@ -9,36 +13,52 @@ from pathlib import Path
 
 def main(argv: list[str] | None = None) -> int:
     from .allocator import keep_freed_memory
+    from .distributed import PeerFailure
 
     parser = _parser()
     args = parser.parse_args(argv)
     keep_freed_memory()
     try:
+        _check_world(args)
         return args.command(args)
     except (ValueError, FileNotFoundError, TypeError, FloatingPointError) as exc:  # the user's mistakes, said in one line
         parser.exit(2, f"ddfast {args.name}: error: {exc}\n")
+    except PeerFailure as exc:
+        parser.exit(1, f"ddfast {args.name}: error: {exc}\n")
     except KeyboardInterrupt:
         parser.exit(130, f"ddfast {args.name}: interrupted; rerunning the same command resumes from the last checkpoint\n")
 
 
+def _check_world(args) -> None:
+    """Under torchrun (WORLD_SIZE > 1), only the commands that split their work: buffer and distill without --sweep."""
+    from .distributed import world
+
+    size = world().size
+    if size > 1 and (args.name not in ("buffer", "distill") or getattr(args, "sweep", None)):
+        command = "distill --sweep" if args.name == "distill" else args.name
+        raise ValueError(f"under torchrun (WORLD_SIZE={size}) ddfast runs buffer and distill (--method dm); "
+                         f"{command} runs in one process only: start it without torchrun")
+
+
 def _parser() -> argparse.ArgumentParser:
     from . import METHODS, PRESETS
-    from .training.data import DATASETS
+    from .training.data import DATASETS, FOLDER_PREFIX
 
     parser = argparse.ArgumentParser(prog="ddfast", description="Dataset distillation with fused kernels.")
     commands = parser.add_subparsers(required=True, metavar="COMMAND")
 
-    def run_options(p: argparse.ArgumentParser, *, cache: bool = True) -> None:
+    def run_options(p: argparse.ArgumentParser) -> None:
         p.add_argument("--device", help="torch device (default: cuda when available, else cpu)")
         p.add_argument("--data-root", help="folder holding the datasets (default: $DDFAST_DATA_ROOT, else ../shared/data)")
         p.add_argument("--download", action="store_true", help="download the dataset if it is missing")
-        if cache:
-            p.add_argument("--cache-dir", help="cache of pre-trained networks and expert buffers (default: $DDFAST_CACHE_DIR, else ~/.cache/ddfast)")
+        p.add_argument("--cache-dir", help="cache of decoded image folders, pre-trained networks and expert buffers "
+                                           "(default: $DDFAST_CACHE_DIR, else ~/.cache/ddfast)")
         p.add_argument("--quiet", action="store_true", help="no progress bars or messages")
 
     def config_options(p: argparse.ArgumentParser, *, method_required: bool) -> None:
         p.add_argument("--method", required=method_required, default="dm", choices=sorted(METHODS))
-        p.add_argument("--dataset", required=True, help=f"one of {sorted(DATASETS)}")
+        p.add_argument("--dataset", required=True, help=f"one of {sorted(DATASETS)}, or {FOLDER_PREFIX}<path> "
+                                                        "(a tree <path>/{train,val}/<class>/<image>); resize with --set image_size=N")
         p.add_argument("--ipc", type=int, required=method_required, default=10, help="synthetic images per class")
         p.add_argument("--preset", default="upstream", choices=PRESETS, help="hyperparameters (default: upstream)")
         p.add_argument("--reg", action="append", default=[], choices=("cmi", "mim"),
@@ -72,12 +92,13 @@ def _parser() -> argparse.ArgumentParser:
                                         "Processes given disjoint --shard values train disjoint experts at once.")
     config_options(p, method_required=False)
     run_options(p)
-    p.add_argument("--shard", default="0/1", metavar="I/N", help="train only the experts k with k %% N == I (default 0/1: all)")
+    p.add_argument("--shard", metavar="I/N",
+                   help="train only the experts k with k %% N == I (default: all; under torchrun rank r of R trains shard r/R)")
     p.set_defaults(command=_buffer, name="buffer", method="mtt")
 
     p = commands.add_parser("evaluate", help="evaluate a synthetic set against the random-real baseline")
     p.add_argument("synthetic", help="a synthetic.pt written by ddfast distill")
-    run_options(p, cache=False)
+    run_options(p)
     p.add_argument("--models", type=int, help="networks to train (default: the run's protocol)")
     p.add_argument("--epochs", type=int, help="training epochs per network")
     p.add_argument("--lrs", help="candidate learning rates, comma separated, chosen on the validation split")
@@ -117,6 +138,8 @@ def _print_config(config) -> int:
 
 def _distill(args) -> int:
     from . import run, sweep
+    from .distributed import world
+    from .training.data import label
 
     if args.stop_after is not None and args.stop_after < 1:
         raise ValueError(f"--stop-after must be >= 1, got {args.stop_after}")
@@ -124,7 +147,7 @@ def _distill(args) -> int:
     if args.print_config:
         return _print_config(config)
     regs = "".join(f"-{name}" for name in ("cmi", "mim") if getattr(config, name) is not None)
-    out = args.out or f"runs/{config.method}-{config.dataset}-ipc{config.ipc}-{args.preset}{regs}"
+    out = args.out or f"runs/{config.method}-{label(config.dataset)}-ipc{config.ipc}-{args.preset}{regs}"
     options = dict(data_root=args.data_root, download=args.download, device=args.device, cache_dir=args.cache_dir, quiet=args.quiet,
                    restart=args.restart)
     if args.sweep:
@@ -138,6 +161,8 @@ def _distill(args) -> int:
         _report(summary["evaluation"], Path(out) / "sweep.json")
         return 0
     results = run(config, out, stop_after=args.stop_after, **options)
+    if not world().leads:  # under torchrun rank 0 speaks for all
+        return 0
     if results["status"] == "stopped":
         print(f"stopped after iteration {results['iteration']}; rerun the same command to resume")
         return 0
@@ -148,11 +173,12 @@ def _distill(args) -> int:
 def _checked_data(config, args):
     """The run's data on its device, loaded once the device and the settings have passed their checks."""
     from . import load_data, resolve_device
+    from .distributed import world
     from .preflight import check_settings
 
-    device = resolve_device(args.device)
+    device = world().device(resolve_device(args.device))
     check_settings(config)
-    return load_data(config, args.data_root, args.download).to(device)
+    return load_data(config, args.data_root, args.download, cache_dir=args.cache_dir, quiet=args.quiet).to(device)
 
 
 def _pretrain(args) -> int:
@@ -167,20 +193,30 @@ def _pretrain(args) -> int:
 
 
 def _buffer(args) -> int:
+    from .distributed import world as current_world
     from .mtt import MTT, expert_buffer
     from .runner import data_key
     from .training.buffers import parse_shard
 
-    shard = parse_shard(args.shard)
+    world = current_world()
+    if world.distributed and args.shard is not None:
+        raise ValueError(f"--shard cannot be combined with torchrun (WORLD_SIZE={world.size}): rank r trains shard r/{world.size}")
+    shard = world.shard() if world.distributed else parse_shard(args.shard or "0/1")
     if args.method != "mtt":
         raise ValueError(f"expert buffers are for --method mtt, got {args.method!r}")
     config = _config(args)
     if args.print_config:
         return _print_config(config)
     data = _checked_data(config, args)
-    folder, _ = expert_buffer(MTT.read_options(config.options), config, data, data_key(config),
-                              cache_dir=args.cache_dir, shard=shard, quiet=args.quiet)
-    print(f"experts of shard {shard[0]}/{shard[1]} are in {folder}")
+    with world.group(data.train.images.device):
+        folder, _ = expert_buffer(MTT.read_options(config.options), config, data, data_key(config),
+                                  cache_dir=args.cache_dir, shard=shard, quiet=args.quiet or not world.leads)
+        world.barrier("waiting for the other ranks' experts")
+    if world.distributed:
+        if world.leads:
+            print(f"experts of shards 0/{world.size} to {world.size - 1}/{world.size} are in {folder}")
+    else:
+        print(f"experts of shard {shard[0]}/{shard[1]} are in {folder}")
     return 0
 
 
@@ -197,7 +233,7 @@ def _evaluate(args) -> int:
     changes = [(f"evaluation.{key}", value) for key, value in (("models", args.models), ("epochs", args.epochs), ("lrs", args.lrs), ("dsa", args.dsa))
                if value is not None]
     config = override_all(from_dict(DistillConfig, saved["settings"]), changes)
-    data = load_data(config, args.data_root, args.download).to(device)
+    data = load_data(config, args.data_root, args.download, cache_dir=args.cache_dir, quiet=args.quiet).to(device)
     seed = config.seed if args.seed is None else args.seed
     evaluation = evaluate_with_baseline(saved["images"], saved["labels"], data, config.evaluation, seed=seed, lr=saved.get("eval_lr"),
                                         progress=not args.quiet)

@@ -27,6 +27,7 @@ class DistillConfig:
     dsa: bool = True  # differentiable Siamese augmentation inside the matching loss
     dsa_pairing: str = "batch"  # DSA on matched batches: one transform for all ("batch", the reference) or per sample ("sample")
     init: str = "real"  # synthetic set starts from random real images, or from Gaussian noise
+    image_size: int | None = None  # image folders: resized and centre-cropped to this size (None: the dataset's default)
     zca: float | None = None  # ZCA-whiten all the data with this regularisation (MTT on CIFAR: 0.1); off when None
     model: ModelSpec = field(default_factory=ModelSpec)  # the network the method matches through
     options: Any = None  # the method's own settings (its Options dataclass)
@@ -44,7 +45,7 @@ class DistillConfig:
     def __post_init__(self):
         check(self, ipc=COUNT, iterations=COUNT, real_per_class=COUNT, select_models=COUNT, checkpoint_every=COUNT, val_per_class=COUNT,
               select_every=NON_NEGATIVE_INT, image_lr=POSITIVE, image_momentum=MOMENTUM, zca=Range(0, open_low=True, optional=True),
-              train_per_class=OPTIONAL_COUNT, test_per_class=OPTIONAL_COUNT)
+              train_per_class=OPTIONAL_COUNT, test_per_class=OPTIONAL_COUNT, image_size=OPTIONAL_COUNT)
         if self.init not in INITS:
             raise SettingError("init", f"one of {INITS}", self.init)
         if self.dsa_pairing not in PAIRINGS:

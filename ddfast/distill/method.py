@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from .config import DistillConfig
+from .distributed import World
 from .settings import from_dict
 from .training.augment import DSA, DSAConfig
 from .training.data import RealData, class_indices, random_per_class
@@ -71,9 +72,13 @@ class RealSampler:
         self.images = data.train.images
         self.index = [i.to(self.images.device) for i in class_indices(data.train.labels.cpu(), data.info.num_classes)]
 
-    def sample(self, c: int, n: int) -> torch.Tensor:
+    def draw(self, c: int, n: int) -> torch.Tensor:
+        """Indices into ``images`` of min(n, class size) random images of class c."""
         index = self.index[c]
-        return self.images[index[torch.randperm(len(index))[:n].to(index.device)]]
+        return index[torch.randperm(len(index))[:n].to(index.device)]
+
+    def sample(self, c: int, n: int) -> torch.Tensor:
+        return self.images[self.draw(c, n)]
 
 
 class Regularizer(Protocol):
@@ -103,6 +108,7 @@ class Context:
     data_key: dict = field(default_factory=dict)  # what identifies the real training split (for caches)
     cache_dir: str | os.PathLike | None = None  # pre-trained networks and expert buffers
     quiet: bool = False
+    world: World = field(default_factory=World)  # the processes sharing the work (torchrun); one by default
 
     def fresh_model(self) -> nn.Module:
         """A newly initialised network of ``config.model`` on the data's device (global RNG)."""
@@ -122,10 +128,14 @@ class Method:
     networks, real batches, augmentation) from it. ``state_dict`` holds what a resumed run needs
     beyond the images (optimizer states, the regularisers' states); a method with learnable extras
     (MTT's learning rate) adds their optimizer to ``self.optimizers`` and their values to its state.
+    Under torchrun, a method with ``distributed = True`` computes its share of the loss on each
+    process (``ctx.world``) while drawing every random value of the whole iteration, so that the
+    split changes no draw; ``update_images`` sums the gradients over the processes.
     """
 
     name: ClassVar[str] = ""
     Options: ClassVar[type] = NoOptions
+    distributed: ClassVar[bool] = False  # runs split over processes (torchrun): each computes its share, gradients are summed
 
     def __init__(self, ctx: Context):
         self.ctx = ctx
@@ -188,6 +198,8 @@ class Method:
         for p in params:
             p.grad = None
         loss.backward(inputs=params)
+        for p in params:  # each process's loss is its share of the whole (distributed methods only)
+            self.ctx.world.sum_(p.grad, "summing the gradients")
         for optimizer in self.optimizers:
             optimizer.step()
         for reg in regs:

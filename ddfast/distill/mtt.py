@@ -81,7 +81,7 @@ class MTT(UnrolledMethod):
         if name == "quick":
             return {"iterations": 40, "image_lr": 100.0, "real_per_class": 1, "dsa": True,
                     "options": MTTOptions(syn_steps=10, expert_epochs=2, max_start_epoch=3, lr_init=0.01, lr_lr=1e-5, experts=QUICK_EXPERTS)}
-        # Datasets without published MTT settings (MNIST, Fashion-MNIST, SVHN) take CIFAR-10's for the IPC, without ZCA.
+        # Other datasets (MNIST, Fashion-MNIST, SVHN, the image folders) take CIFAR-10's for the IPC, without ZCA.
         zca_dataset = dataset in ("cifar10", "cifar100")
         key = (dataset, ipc) if zca_dataset else ("cifar10", ipc)
         if key not in UPSTREAM:

@@ -16,8 +16,8 @@ from .training.data import DatasetInfo, dataset_info, denormalize
 
 def save_synthetic(path: str | os.PathLike, images: torch.Tensor, labels: torch.Tensor, info: DatasetInfo, settings: dict, **extra) -> None:
     """images (N, C, H, W) float32 normalised as the dataset; labels (N,) int64; ``settings`` of the run."""
-    state = {"images": images.detach().cpu(), "labels": labels.cpu(), "dataset": info.name, "mean": list(info.mean), "std": list(info.std),
-             "settings": settings, **extra}
+    state = {"images": images.detach().cpu(), "labels": labels.cpu(), "dataset": info.name, "classes": list(info.classes),
+             "mean": list(info.mean), "std": list(info.std), "settings": settings, **extra}
     checkpoint.save(state, path)
 
 
@@ -45,12 +45,13 @@ def _check_synthetic(state: dict, path: Path) -> None:
 
     try:
         config = from_dict(DistillConfig, state["settings"])
-        info = dataset_info(state["dataset"])
+        info = dataset_info(state["dataset"], config.image_size)
+        settings_dataset = dataset_info(config.dataset).name
     except (ValueError, TypeError) as exc:
         raise ValueError(f"{path} is not a readable ddfast synthetic set: {exc}") from None
     images, labels, lr = state["images"], state["labels"], state.get("eval_lr")
     expected = (info.channels, info.image_size, info.image_size)
-    if info.name != config.dataset:
+    if info.name != settings_dataset:
         raise ValueError(f"{path} is not a consistent synthetic set: its images are of {info.name}, its settings of {config.dataset}")
     if not (isinstance(images, torch.Tensor) and images.dtype == torch.float32 and images.dim() == 4 and tuple(images.shape[1:]) == expected
             and len(images) > 0 and bool(torch.isfinite(images).all())):

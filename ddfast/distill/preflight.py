@@ -14,7 +14,8 @@ import torch
 
 from . import checkpoint
 from .config import DistillConfig
-from .method import method_class
+from .distributed import World
+from .method import METHODS, method_class
 from .settings import describe_differences
 from .training.data import dataset_info
 
@@ -45,7 +46,7 @@ def resolve_device(device: str | torch.device | None) -> torch.device:
 
 def check_settings(config: DistillConfig) -> None:
     """What the settings alone can tell: the method accepts them and every network fits the dataset's images."""
-    info = dataset_info(config.dataset)
+    info = dataset_info(config.dataset, config.image_size)
     method = method_class(config.method)
     method.read_options(config.options)
     method.check_config(config)
@@ -57,6 +58,23 @@ def check_settings(config: DistillConfig) -> None:
             raise ValueError(f"{key}: {exc}") from None
     if config.train_per_class is not None:
         check_draws(config, config.train_per_class, "train_per_class")
+
+
+def check_distributed(config: DistillConfig, world: World) -> None:
+    """Under torchrun (WORLD_SIZE > 1), the settings split over the processes: a method that shares its
+    work (``Method.distributed``), no regulariser, and at least one class per process."""
+    if not world.distributed:
+        return
+    supported = ", ".join(sorted(name for name, cls in METHODS.items() if cls.distributed))
+    regs = [name for name in ("cmi", "mim") if getattr(config, name) is not None]
+    if not method_class(config.method).distributed or regs:
+        what = f"the {' and '.join(regs)} regulariser" if method_class(config.method).distributed else f"--method {config.method}"
+        raise ValueError(f"under torchrun (WORLD_SIZE={world.size}) ddfast distill runs --method {supported} without regularisers; "
+                         f"{what} runs in one process only: start it without torchrun, or with --nproc-per-node 1")
+    classes = dataset_info(config.dataset).num_classes
+    if world.size > classes:
+        raise ValueError(f"WORLD_SIZE={world.size} is more processes than the {classes} classes of {config.dataset}: "
+                         f"each process computes whole classes, so start at most {classes}")
 
 
 def model_specs(config: DistillConfig) -> dict:

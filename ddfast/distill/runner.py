@@ -4,6 +4,10 @@ validation-based checkpoint choice, final evaluation against the random-real bas
 Files in ``out_dir``: ``checkpoint.pt`` (rewritten atomically every ``checkpoint_every``
 iterations; a rerun with the same settings resumes from it), and at the end ``synthetic.pt`` (the
 set chosen on the validation split), ``synthetic.png`` and ``results.json``.
+
+Under torchrun the processes share each iteration (``Method.distributed``); rank 0 alone checks the
+output folder, validates, writes the checkpoints and outputs, and evaluates; a resumed run's
+checkpoint reaches the other ranks from rank 0.
 """
 
 from __future__ import annotations
@@ -17,13 +21,13 @@ from pathlib import Path
 
 import torch
 
-from . import checkpoint
+from . import checkpoint, distributed
 from .cmi_regularizer import CMIRegularizer
 from .config import DistillConfig
 from .method import Context, RealSampler, SyntheticSet, method_class
 from .mim_regularizer import MIMRegularizer
 from .outputs import save_grid, save_synthetic
-from .preflight import CHECKPOINT, FORMAT, RESTART, check_draws, check_out, check_settings, resolve_device
+from .preflight import CHECKPOINT, FORMAT, RESTART, check_distributed, check_draws, check_out, check_settings, resolve_device
 from .progress import bar, logger
 from .settings import to_dict
 from .training.data import RealData, dataset_info, load, whiten
@@ -35,30 +39,38 @@ CHECKPOINT_SECONDS = 300  # also checkpoint at least this often
 SPLIT_SEED = 0  # the validation split (and pre-trained pools) are shared by runs of every seed
 
 
-def load_data(config: DistillConfig, root=None, download: bool = False) -> RealData:
-    """The run's real data: train / validation / test split as the settings say, ZCA-whitened when they say so."""
-    data = load(config.dataset, root, val_per_class=config.val_per_class, seed=SPLIT_SEED,
-                train_per_class=config.train_per_class, test_per_class=config.test_per_class, download=download)
+def load_data(config: DistillConfig, root=None, download: bool = False, *, cache_dir: str | os.PathLike | None = None,
+              quiet: bool = True) -> RealData:
+    """The run's real data: train / validation / test split as the settings say, ZCA-whitened when they say so
+    (image folders decode once into ``cache_dir``)."""
+    data = load(config.dataset, root, val_per_class=config.val_per_class, seed=SPLIT_SEED, train_per_class=config.train_per_class,
+                test_per_class=config.test_per_class, download=download, image_size=config.image_size, cache=cache_dir, quiet=quiet)
     return whiten(data, config.zca) if config.zca is not None else data
 
 
 def check_start(config: DistillConfig, out_dir: str | os.PathLike, *, device: str | torch.device | None = None, restart: bool = False,
                 stop_after: int | None = None) -> tuple[torch.device, dict | None]:
-    """Everything ``run`` checks before any work: the device, the settings, ``stop_after``, the output
-    folder and its checkpoint. Returns the device and the checkpoint to resume from (None: none)."""
-    device = resolve_device(device)
+    """Everything ``run`` checks before any work: the device, the settings (and that they run under
+    torchrun when started there), ``stop_after``, the output folder and its checkpoint. Returns the
+    device and the checkpoint to resume from (None: none; always None on ranks other than 0)."""
+    world = distributed.world()
+    device = world.device(resolve_device(device))
     check_settings(config)
+    check_distributed(config, world)
     if stop_after is not None and (isinstance(stop_after, bool) or not isinstance(stop_after, int) or stop_after < 1):
         raise ValueError(f"stop_after (--stop-after) must be an integer >= 1, got {stop_after!r}")
-    info = dataset_info(config.dataset)
+    info = dataset_info(config.dataset, config.image_size)
     image_shape = (info.num_classes * config.ipc, info.channels, info.image_size, info.image_size)
+    if not world.leads:
+        return device, None
     return device, check_out(Path(out_dir), to_dict(config), image_shape, restart=restart)
 
 
 def data_key(config: DistillConfig) -> dict:
     """What identifies the real training split of ``config`` (for caches)."""
     key = {"dataset": config.dataset, "val_per_class": config.val_per_class, "train_per_class": config.train_per_class, "split_seed": SPLIT_SEED}
-    return key if config.zca is None else {**key, "zca": config.zca}
+    extra = {name: getattr(config, name) for name in ("image_size", "zca") if getattr(config, name) is not None}
+    return {**key, **extra}
 
 
 def pretrain(config: DistillConfig, data: RealData, *, cache_dir: str | os.PathLike | None = None,
@@ -104,19 +116,29 @@ def run(
     session: dict[str, dict[str, float]] = {}  # this call's timings; distill / select accumulate in progress
     out = Path(out_dir)
     device, state = check_start(config, out, device=device, restart=restart, stop_after=stop_after)
+    world = distributed.world()
+    with world.group(device):
+        return _run(config, out, world, device, state, session, data_root=data_root, download=download, cache_dir=cache_dir,
+                    quiet=quiet or not world.leads, stop_after=stop_after, final=final)
+
+
+def _run(config: DistillConfig, out: Path, world: distributed.World, device: torch.device, state: dict | None, session: dict, *,
+         data_root, download: bool, cache_dir, quiet: bool, stop_after: int | None, final: bool) -> dict:
+    """``run`` once its checks have passed, in ``world``'s process group."""
     log = logger(quiet)
     method_cls = method_class(config.method)
     with timed(session, "data"):
-        data = load_data(config, data_root, download).to(device)
+        data = load_data(config, data_root, download, cache_dir=cache_dir, quiet=quiet).to(device)
     check_draws(config, int(torch.bincount(data.train.labels, minlength=data.info.num_classes).min()), f"{data.info.name}'s training split")
     generator = torch.Generator().manual_seed(derive_seed(config.seed, "init"))
     synthetic = SyntheticSet.initial(data, config.ipc, config.init, generator)
     with timed(session, "pretrain"):
         regs = regularizers(config, data, cache_dir=cache_dir, quiet=quiet)
     with timed(session, "prepare"):  # e.g. MTT's expert buffer, trained here when missing
-        method = method_cls(Context(config, data, synthetic, RealSampler(data), regs, data_key(config), cache_dir, quiet))
+        method = method_cls(Context(config, data, synthetic, RealSampler(data), regs, data_key(config), cache_dir, quiet, world))
     settings = to_dict(config)
     progress = {"iteration": 0, "history": [], "selection": [], "best": None, "seconds": {}}
+    state = world.broadcast(state, "sharing the checkpoint to resume from")
     if state is not None:
         with torch.no_grad():
             synthetic.images.copy_(state["images"].to(device))
@@ -128,11 +150,14 @@ def run(
         log(f"resuming from {out / CHECKPOINT} at iteration {progress['iteration']}")
 
     def save_checkpoint():
-        checkpoint.save({"format": FORMAT, "settings": settings, "images": synthetic.images.detach().cpu(),
-                         "method": method.state_dict(), "progress": progress}, out / CHECKPOINT)
+        if world.leads:
+            checkpoint.save({"format": FORMAT, "settings": settings, "images": synthetic.images.detach().cpu(),
+                             "method": method.state_dict(), "progress": progress}, out / CHECKPOINT)
 
     if not _iterate(config, method, data, progress, save_checkpoint, stop_after, log, quiet):
         return {"status": "stopped", "iteration": progress["iteration"], "checkpoint": str(out / CHECKPOINT)}
+    if not world.leads:
+        return {"status": "done", "iteration": progress["iteration"], "rank": world.rank}
 
     best = progress["best"]
     images = best["images"].to(device)
@@ -176,7 +201,7 @@ def _iterate(config: DistillConfig, method, data: RealData, progress: dict, save
             progress_bar.update(1)
             progress_bar.set_postfix({k: f"{v:.4g}" for k, v in logs.items()})
             selected = done == config.iterations or (config.select_every and done % config.select_every == 0)
-            if selected:
+            if selected and method.ctx.world.leads:
                 with timed(progress["seconds"], "select"):
                     _select(progress, method, data, config, quiet)
                 log(f"iteration {done}: validation accuracy {progress['selection'][-1]['val_accuracy']:.4f}")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from . import checkpoint
+from . import checkpoint, distributed
 from .config import DistillConfig
 from .runner import check_start, run
 from .settings import override
@@ -18,6 +18,8 @@ def sweep(config: DistillConfig, path: str, values, out_dir: str | os.PathLike, 
     is evaluated on the test set (with the random-real baseline). Writes ``out_dir/sweep.json``.
     ``run_options`` go to ``run`` (``restart`` restarts the candidates, not the winner's final evaluation).
     """
+    if distributed.world().distributed:
+        raise ValueError("a sweep runs in one process only: start it without torchrun")
     values = list(values)
     if not values:
         raise ValueError(f"sweep over {path!r} needs at least one value")

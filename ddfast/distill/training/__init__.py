@@ -1,7 +1,7 @@
 """Training support of the distillation loops: real data, networks, and how networks are trained.
 
 - ``data``: the datasets as normalised tensors, with a validation split carved from the training set;
-  ``zca``: ZCA whitening;
+  ``folders``: trees of image files (Tiny-ImageNet, ImageFolder), decoded once and cached; ``zca``: ZCA whitening;
 - ``models``: the ConvNet and ResNet-18, named by ``ModelSpec``; ``augment``: DSA;
 - ``seeding``: seeds derived from names, seeded scopes that leave the caller's RNG alone;
 - ``loop``: the shared SGD training loop and accuracy on a split;

@@ -73,21 +73,26 @@ class DSA:
 
     def __call__(self, *batches: torch.Tensor, generator: torch.Generator | None = None) -> tuple[torch.Tensor, ...] | torch.Tensor:
         """Augment with one draw per sample: sample i of each batch gets draw i."""
-        return self._augment(batches, shared=False, generator=generator)
+        return self._augment(batches, self.draw, generator)
 
     def match(self, *batches: torch.Tensor, generator: torch.Generator | None = None) -> tuple[torch.Tensor, ...] | torch.Tensor:
         """Augment batches that a loss compares, paired as ``config.pairing`` says."""
-        return self._augment(batches, shared=self.config.pairing == "batch", generator=generator)
+        return self._augment(batches, self.match_draw, generator)
 
-    def _augment(self, batches, *, shared: bool, generator):
+    def match_draw(self, n: int, height: int, width: int, *, generator: torch.Generator | None = None) -> Draw:
+        """The draw ``match`` makes for batches of up to ``n`` samples: ``apply`` it to each batch."""
+        if self.config.pairing == "batch":
+            return self.draw(1, height, width, generator=generator).repeat(n)
+        return self.draw(n, height, width, generator=generator)
+
+    def _augment(self, batches, draw_for, generator):
         if not batches:
             raise ValueError("DSA needs at least one batch")
         shape = batches[0].shape[1:]
         for i, batch in enumerate(batches):
             if batch.dim() != 4 or batch.shape[1:] != shape:
                 raise ValueError(f"batch {i} must be (N, C, H, W) like batch 0 {tuple(shape)}, got {tuple(batch.shape)}")
-        n = max(len(b) for b in batches)
-        draw = self.draw(1, shape[1], shape[2], generator=generator).repeat(n) if shared else self.draw(n, shape[1], shape[2], generator=generator)
+        draw = draw_for(max(len(b) for b in batches), shape[1], shape[2], generator=generator)
         out = tuple(self.apply(batch, draw) for batch in batches)
         return out if len(out) > 1 else out[0]
 

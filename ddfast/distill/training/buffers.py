@@ -70,10 +70,11 @@ def buffer_meta(spec: ExpertSpec, model: ModelSpec, data_key: dict, data: RealDa
 
 def default_folder(meta: dict, cache: str | os.PathLike | None = None) -> Path:
     """Where a buffer with ``meta`` lives in the cache (``$DDFAST_CACHE_DIR``, else ~/.cache/ddfast)."""
+    from .data import label
     from .pretrain import cache_dir
 
     key = derive_seed("buffer", {k: v for k, v in meta.items() if k != "params"})
-    return cache_dir(cache) / "buffers" / f"{meta['data']['dataset']}-{meta['model']['arch']}-{key:016x}"
+    return cache_dir(cache) / "buffers" / f"{label(meta['data']['dataset'])}-{meta['model']['arch']}-{key:016x}"
 
 
 def parse_shard(text: str) -> tuple[int, int]:

@@ -3,7 +3,8 @@
 Every model has ``embed(x) -> (N, F)`` (the flattened features before the classifier, what DM
 matches and CMI measures) and ``forward(x) -> (N, classes)`` logits; the ConvNet also has
 ``block_features(x)``, each block's feature map (what MIM4DD contrasts layer by layer). ``ModelSpec`` names a model
-with its settings so that configs, checkpoints and caches can record and rebuild it.
+with its settings so that configs, checkpoints and caches can record and rebuild it. A ConvNet whose
+depth is not set takes the reference's depth for the image size (``convnet_depth``).
 """
 
 from __future__ import annotations
@@ -102,13 +103,22 @@ class ResNet18(nn.Module):
         return self.classifier(self.features(x))
 
 
+def convnet_depth(image_size: int) -> int:
+    """The reference's ConvNet depth for ``image_size``: the fewest blocks (at least 3) that pool it to 4 x 4
+    or less: 3 up to 32 x 32 (ConvNet), 4 at 64 x 64 (ConvNetD4), 5 at 128 x 128 (ConvNetD5)."""
+    depth = 3
+    while image_size > 4 << depth:
+        depth += 1
+    return depth
+
+
 @dataclass(frozen=True)
 class ModelSpec:
     """A model by name and settings; ``build`` makes a fresh, randomly initialised one."""
 
     arch: str = "convnet"
     width: int = 128  # ConvNet only
-    depth: int = 3  # ConvNet only
+    depth: int | None = None  # ConvNet only; None: convnet_depth of the image size
     norm: str = "instancenorm"
 
     def __post_init__(self):
@@ -119,5 +129,6 @@ class ModelSpec:
 
     def build(self, channels: int, num_classes: int, image_size: int) -> nn.Module:
         if self.arch == "convnet":
-            return ConvNet(channels, num_classes, image_size, width=self.width, depth=self.depth, norm=self.norm)
+            depth = convnet_depth(image_size) if self.depth is None else self.depth
+            return ConvNet(channels, num_classes, image_size, width=self.width, depth=depth, norm=self.norm)
         return ResNet18(channels, num_classes, norm=self.norm)

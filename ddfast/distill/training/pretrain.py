@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from ..._cache import cache_dir
 from .. import checkpoint
 from ..progress import bar, logger
 from ..settings import COUNT, MOMENTUM, NON_NEGATIVE, OPTIONAL_COUNT, POSITIVE, check, to_dict
@@ -22,8 +23,6 @@ from .data import RealData, random_per_class
 from .loop import accuracy, train_network
 from .models import ModelSpec
 from .seeding import derive_seed, seeded
-
-CACHE_ENV = "DDFAST_CACHE_DIR"
 
 
 @dataclass(frozen=True)
@@ -44,12 +43,6 @@ class PretrainSpec:
               train_per_class=OPTIONAL_COUNT)
 
 
-def cache_dir(path: str | os.PathLike | None = None) -> Path:
-    if path is not None:
-        return Path(path)
-    return Path(os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "ddfast")
-
-
 def pretrained_pool(
     spec: PretrainSpec, data: RealData, data_key: dict, *, seed: int = 0, cache: str | os.PathLike | None = None, quiet: bool = False
 ) -> list[nn.Module]:
@@ -65,7 +58,7 @@ def pretrained_pool(
     networks = []
     for k in range(spec.pool):
         key = derive_seed("pretrain", training, data_key, seed, k)
-        path = folder / f"{data.info.name}-{spec.model.arch}-{key:016x}.pt"
+        path = folder / f"{data.info.label}-{spec.model.arch}-{key:016x}.pt"
         model = spec.model.build(data.info.channels, data.info.num_classes, data.info.image_size).to(device)
         state = _cached(path, model, training, data_key)
         if state is None:

@@ -20,7 +20,7 @@ from ..._backends import Registry, accumulation_dtype, cpu_extension, triton_ker
 from .._reduction import reduce, row_grads
 from . import cpu, positives, rows, streaming
 
-TRITON_MAX_DIM = 1024  # the Triton kernels hold whole rows of D on chip
+TRITON_MAX_DIM = 1024  # the gradient kernel recomputes the logits per 256 output features (cost ~ D^2): wider goes to matmuls
 
 
 def _triton():
