@@ -169,6 +169,7 @@ def static_report(op_names: list[str], skip: bool) -> dict:
 
 
 def static_table(static: dict) -> str:
+    """The static sm_90 report as a markdown section, or the line saying why there is none."""
     if "rows" in static:
         return "### Triton kernels compiled for sm_90 (static)\n\n" + static_sm90.table(static["rows"])
     return f"Static sm_90 report not made: {static.get('skipped') or static.get('error')}\n"
