@@ -4,7 +4,9 @@ Every case (operation, shape, dtype, implementation) is timed (forward, forward+
 memory measured; CPU cases run one fresh process each, CUDA cases in this process. Results go to
 ``<out>/<device>-<date>.{json,csv}`` (rewritten after every case) and ``<out>/<device>-<date>-<op>-<dtype>.png``;
 the table goes to stdout, a line per case to stderr. A case that fails, runs out of memory or over
-its time is recorded as such; Ctrl-C stops the run and keeps what was measured.
+its time is recorded as such; Ctrl-C stops the run and keeps what was measured. The static sm_90 report
+of the operations' Triton kernels (``benchmarks/static_sm90.py``: registers, spills, shared memory, dot
+lowering; no GPU needed) goes into the JSON as ``static_sm90`` and after the table, unless ``--skip-static``.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import argparse
 import datetime
 import gc
 import os
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -23,8 +26,9 @@ if __package__ in (None, ""):  # run as ``python benchmarks/run.py``: import fro
 import torch
 from tqdm import tqdm
 
-from benchmarks import case, cold_start, distributed, harness, loops, ops, report
+from benchmarks import case, cold_start, distributed, harness, loops, ops, report, static_sm90
 from benchmarks import device as machine
+from ddfast._backends import triton_missing
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
@@ -33,6 +37,7 @@ LOOP_SIZES = {"tiny": {"ipc": 1, "real_per_class": 4}, "default": {}, "full": {}
 EXAMPLES = """examples:
   python benchmarks/run.py                       every operation, default preset (within 5 minutes on 2 CPU cores)
   python benchmarks/run.py --full                large sizes
+  python benchmarks/run.py --skip-static         without the static sm_90 report (compiling it cold takes minutes)
   python benchmarks/run.py --ops infonce --sizes 1000,50000 --dtypes float32,bfloat16 --impls cpu,reference
 """
 
@@ -58,6 +63,7 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--memory-cap", type=float, help="GiB of data segment a CPU case process may reach (torch itself takes "
                                                     "about 1) before it is recorded as out of memory (default: 80%% of the "
                                                     "memory available at start)")
+    p.add_argument("--skip-static", action="store_true", help="skip the static sm_90 report of the Triton kernels")
     args = p.parse_args(argv)
     for name in args.ops.split(","):
         if name not in ops.OPS:
@@ -150,6 +156,26 @@ def run_cases(cases: list[case.Case], args: argparse.Namespace, memory_cap: int 
         save()
 
 
+def static_report(op_names: list[str], skip: bool) -> dict:
+    """``static_sm90``'s rows for the operations, or why there are none."""
+    if skip:
+        return {"skipped": "--skip-static"}
+    if triton_missing():
+        return {"skipped": triton_missing()}
+    print("compiling the Triton kernels for sm_90 (static report) ...", file=sys.stderr)
+    try:
+        return {"target": "cuda sm_90a", "rows": static_sm90.report(op_names)}
+    except (AssertionError, OSError, subprocess.SubprocessError) as error:
+        return {"error": str(error)[-2000:]}
+
+
+def static_table(static: dict) -> str:
+    """The static sm_90 report as a markdown section, or the line saying why there is none."""
+    if "rows" in static:
+        return "### Triton kernels compiled for sm_90 (static)\n\n" + static_sm90.table(static["rows"])
+    return f"Static sm_90 report not made: {static.get('skipped') or static.get('error')}\n"
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse(argv)
     device = torch.device(args.device)
@@ -185,10 +211,12 @@ def main(argv: list[str] | None = None) -> int:
     print(loops.table(doc["loops"]), file=sys.stderr)
     if "infonce" in op_names:  # from the formulas of benchmarks/distributed.py, which also checks them against the counter
         doc["distributed_bytes"] = distributed.table()
+    doc["static_sm90"] = static_report([name for name in op_names if name in static_sm90.OPS], args.skip_static)
     doc["checks"] = [entry for name in op_names for entry in report.checks(doc["results"], device.type, name, ops.load(name).CHECKS)]
     save()
     plots = [path for name in op_names for path in report.plot(doc, name, ops.load(name).AXIS, stem)]
     print(report.table(doc))
+    print(static_table(doc["static_sm90"]))
     print("wrote " + ", ".join(str(p) for p in [stem.with_suffix(".json"), stem.with_suffix(".csv"), *plots]), file=sys.stderr)
     return 130 if doc.get("interrupted") else 0
 

@@ -16,7 +16,7 @@ ROOT = Path(__file__).resolve().parents[1]
 def test_run_writes_table_json_csv_and_plots(tmp_path):
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     done = subprocess.run([sys.executable, "benchmarks/run.py", "--device", "cpu", "--preset", "tiny", "--sizes", "256",
-                           "--impls", "reference,cpu,triton", "--out", str(tmp_path)],
+                           "--impls", "reference,cpu,triton", "--skip-static", "--out", str(tmp_path)],
                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
     assert "| N=64 M=256 D=32 | float32 | reference |" in done.stdout
@@ -24,6 +24,8 @@ def test_run_writes_table_json_csv_and_plots(tmp_path):
     assert "### infonce across processes: bytes per rank and call" in done.stdout
     [json_path] = tmp_path.glob("*.json")
     doc = json.loads(json_path.read_text())
+    assert doc["static_sm90"] == {"skipped": "--skip-static"}
+    assert "Static sm_90 report not made: --skip-static" in done.stdout
     expected = [(op, impl) for op in ops.OPS for impl in ("reference", "cpu")]
     assert [(r["op"], r["impl"]) for r in doc["results"]] == expected
     for r in doc["results"]:

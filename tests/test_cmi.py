@@ -10,9 +10,10 @@ import ops_support
 import pytest
 import torch
 import torch.autograd.forward_ad as forward_ad
-from ops_support import DEVICE, backends
+from ops_support import DEVICE, assert_fits_hopper, backends
 
 import ddfast
+from benchmarks import static_sm90
 from ddfast import _extension
 from ddfast._backends import triton_interpreted
 from ddfast.ops.cmi import REGISTRY, CMILoss, cmi_loss, cmi_per_class, cuda, streaming
@@ -305,30 +306,14 @@ def test_cuda_sources_build():
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
 def test_triton_kernels_compile_for_hopper(dtype):
     """Every Triton kernel, with the launch options and widest tiles the backend uses, lowers to sm_90
-    code whose shared memory fits a block."""
+    code whose shared memory fits a block, without spills, except those that spill at the widest tile
+    (the static sm_90 report in README): the row gradient with given centroids, and in float64 all
+    but the combine kernel."""
     pytest.importorskip("triton")
-    import hopper
-
-    from ddfast.ops.cmi import triton as kernels
-
-    element = {torch.float32: "*fp32", torch.bfloat16: "*bf16", torch.float64: "*fp64"}[dtype]
-    acc = "*fp64" if dtype == torch.float64 else "*fp32"
-    index = {name: "*i64" for name in ("order_ptr", "start_ptr", "end_ptr", "cls_ptr", "labels_ptr", "first_ptr", "counts_ptr")}
-    stats = {name: acc for name in ("norm_ptr", "part_ptr", "inv_t_ptr", "log_q_ptr", "kl_ptr", "g_ptr", "a_ptr")}
-    pointers = {"f_ptr": element, **index, **stats}
-    rows = {"ROWS": kernels.ROWS, "BLOCK_K": kernels.BLOCK_K}
-    chunk = {"CHUNK": kernels.CHUNK_ROWS, "BLOCK_K": kernels.BLOCK_K}
-    common = {"module": "ddfast.ops.cmi.triton", "floats": [], "pointers": pointers, **kernels.LAUNCH}
-    specs = [{**common, "kernel": "_row_norm_kernel", "constexprs": rows},
-             {**common, "kernel": "_chunk_norm_kernel", "constexprs": chunk},
-             {**common, "kernel": "_row_kl_kernel", "constexprs": rows},
-             {**common, "kernel": "_chunk_centroid_grad_kernel", "constexprs": chunk}]
-    specs += [{**common, "kernel": "_combine_kernel", "pointers": {**pointers, "out_ptr": acc},
-               "constexprs": {"LOG": log, "CHUNKS": kernels.COMBINE_CHUNKS, "BLOCK_K": kernels.BLOCK_K}} for log in (True, False)]
-    specs += [{**common, "kernel": "_row_grad_kernel", "pointers": {**pointers, "out_ptr": element},
-               "constexprs": {**rows, "HAS_A": has_a}} for has_a in (True, False)]
-    for spec, shared in zip(specs, hopper.shared_memory(specs)):
-        assert 0 <= shared <= hopper.SHARED_MEMORY_PER_BLOCK, (spec["kernel"], shared)
+    may_spill = {"_row_grad_kernel (given a)"}
+    if dtype == torch.float64:
+        may_spill |= {"_row_norm_kernel", "_chunk_norm_kernel", "_row_kl_kernel", "_chunk_centroid_grad_kernel", "_row_grad_kernel"}
+    assert_fits_hopper(static_sm90.cmi_specs(1000, dtype), frozenset(may_spill))
 
 
 def test_cuda_chunk_size_matches_its_kernel():

@@ -5,9 +5,10 @@ import itertools
 
 import pytest
 import torch
-from ops_support import DEVICE, assert_all_close, assert_close, backends
+from ops_support import DEVICE, assert_all_close, assert_close, assert_fits_hopper, backends
 
 import ddfast
+from benchmarks import static_sm90
 from ddfast.ops.infonce import REGISTRY, reference
 
 FUSED = backends(REGISTRY)  # every backend but reference, in float64
@@ -252,29 +253,10 @@ def test_bad_input_is_named(call, error, match):
 @pytest.mark.parametrize("dtype,d", [(torch.bfloat16, 1024), (torch.float16, 128), (torch.float32, 1024), (torch.float16, 100)])
 def test_triton_kernels_compile_for_hopper(dtype, d):
     """Every kernel, with the launch configuration the backend picks, lowers to sm_90 code whose shared
-    memory fits a block (the widest rows of each dtype, narrow rows, and an odd width, which the
-    backend pads to a multiple of 16)."""
+    memory fits a block, without spills (the widest rows of each dtype, narrow rows, and an odd width,
+    which the backend pads to a multiple of 16)."""
     pytest.importorskip("triton")
-    import hopper
-
-    from ddfast.ops.infonce.triton import _config
-
-    element = {torch.bfloat16: "*bf16", torch.float16: "*fp16", torch.float32: "*fp32"}[dtype]
-    kernels = [("_lse_kernel", {"Q": element, "K": element, "RK": "*fp32", "MAX_OUT": "*fp32", "SUM_OUT": "*fp32"},
-                ["d", "stride_q", "stride_k", "keys_per_split"], [{}]),
-               ("_grad_kernel", {"A": element, "B": element, **dict.fromkeys(["RK", "LSE2", "WEIGHT", "OUT"], "*fp32")},
-                ["d", "stride_a", "stride_b", "b_per_split"], [{"QUERY_ROWS": True}, {"QUERY_ROWS": False}])]
-    specs = []
-    for kernel, pointers, multiples_of_16, variants in kernels:
-        config = _config(kernel.split("_")[1], -(-d // 16) * 16, dtype)  # rows arrive padded to 16 features
-        launch = {"num_warps": config.pop("num_warps"), "num_stages": config.pop("num_stages")}
-        for variant in variants:
-            specs.append({"module": "ddfast.ops.infonce.triton", "kernel": kernel, "pointers": pointers,
-                          "floats": ["scale_log2e", "scale"], "aligned": [*pointers, *multiples_of_16], **launch,
-                          "constexprs": {"HAS_NORM": True, "ACC": "tl.float32", "UPCAST": False,
-                                         "PRECISION": "ieee" if dtype == torch.float32 else None, **config, **variant}})
-    for spec, shared in zip(specs, hopper.shared_memory(specs)):
-        assert 0 < shared <= hopper.SHARED_MEMORY_PER_BLOCK, (spec["kernel"], shared)
+    assert_fits_hopper(static_sm90.infonce_specs(d, dtype))
 
 
 N, M, D = 6, 10, 5  # small odd sizes for the layout, subset and transform tests

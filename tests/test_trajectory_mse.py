@@ -8,8 +8,9 @@ import itertools
 import numpy as np
 import pytest
 import torch
-from ops_support import DEVICE, assert_close, backends
+from ops_support import DEVICE, assert_close, assert_fits_hopper, backends
 
+from benchmarks import static_sm90
 from benchmarks.trajectory_mse import convnet_shapes, resnet18_shapes
 from ddfast import TrajectoryMSE, _extension, trajectory_mse
 from ddfast.ops.trajectory_mse import REGISTRY, cpu, cuda, reference, streaming
@@ -380,25 +381,10 @@ def test_cuda_sources_build():
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32, torch.float64], ids=str)
 def test_triton_kernels_compile_for_hopper(dtype):
-    """Every Triton kernel, with the backend's launch options, lowers to sm_90 code whose shared memory fits."""
+    """Every Triton kernel, with the backend's launch options, lowers to sm_90 code whose shared memory
+    fits, without spills (ResNet-18's 62 tensors: the widest table block)."""
     pytest.importorskip("triton")
-    import hopper
-
-    from ddfast.ops.trajectory_mse import triton as kernels
-
-    acc_name = "fp64" if dtype == torch.float64 else "fp32"
-    acc = {"ACC": f"tl.float{acc_name[2:]}"}
-    types = {"DTYPE": f"tl.{str(dtype).removeprefix('torch.')}", **acc, "TENSORS": 64, "CHUNK": kernels.CHUNK, "BLOCK": kernels.BLOCK}
-    common = {"module": "ddfast.ops.trajectory_mse.triton", "floats": [], **kernels.LAUNCH}
-    per_trajectory = {name: f"*{acc_name}" for name in ("grad", "loss", "num", "den", "partial_num", "partial_den")}
-    specs = [
-        {**common, "kernel": "_partials_kernel", "pointers": {"table": "*i64", **per_trajectory}, "constexprs": types},
-        {**common, "kernel": "_finish_kernel", "pointers": per_trajectory, "constexprs": {"BLOCK": kernels.FINISH_BLOCK}},
-        {**common, "kernel": "_gradients_kernel", "pointers": {"table": "*i64", **per_trajectory},
-         "constexprs": {**types, "ROUND_BY_HAND": False}},
-    ]
-    for spec, shared in zip(specs, hopper.shared_memory(specs)):
-        assert 0 <= shared <= hopper.SHARED_MEMORY_PER_BLOCK, (spec["kernel"], shared)
+    assert_fits_hopper(static_sm90.trajectory_mse_specs(len(resnet18_shapes()), dtype))
 
 
 # ---- odd layouts -------------------------------------------------------------------------------
