@@ -1,12 +1,15 @@
 """Cold and warm cost of each op's default backend against the reference, as ratios.
 
 Cold: a fresh Python process imports ddfast and makes the first forward+backward call (what a user's
-script pays once). Warm: the same call repeated in one process, timed by ``harness.time_ms``.
+script pays once); the backend's and the reference's processes alternate, ``COLD_REPEATS`` of each,
+and the medians are compared (``import torch`` alone varies by tenths of a second between processes).
+Warm: the same call repeated in one process, timed by ``harness.time_ms``.
 """
 
 from __future__ import annotations
 
 import json
+import statistics
 import subprocess
 import sys
 from pathlib import Path
@@ -16,6 +19,7 @@ import torch
 from benchmarks import harness
 
 ROOT = Path(__file__).resolve().parents[1]
+COLD_REPEATS = 5
 CALLS = {  # small inputs: the fixed costs are what this measures
     "infonce": "ddfast.infonce(x, x.detach() + 1, temperature=0.5, backend=BACKEND)",
     "cmi": "ddfast.cmi_loss(x, torch.arange(64, device=x.device) % 8, num_classes=8, backend=BACKEND)",
@@ -51,10 +55,14 @@ def warm_ms(op: str, backend: str, device: torch.device) -> float:
 
 
 def measure(op: str, device: torch.device, backend: str = "auto") -> dict:
-    """``backend``'s cold and warm times and their ratios to the reference's."""
-    cold = {name: cold_s(op, name, device) for name in (backend, "reference")}
+    """``backend``'s cold (median of ``COLD_REPEATS`` fresh processes) and warm times and their ratios to the reference's."""
+    samples = {backend: [], "reference": []}
+    for _ in range(COLD_REPEATS):
+        for name, times in samples.items():
+            times.append(cold_s(op, name, device))
+    cold = {name: statistics.median(times) for name, times in samples.items()}
     warm = {name: warm_ms(op, name, device) for name in (backend, "reference")}
-    return {"backend": backend, "cold_s": cold[backend], "reference_cold_s": cold["reference"],
+    return {"backend": backend, "cold_repeats": COLD_REPEATS, "cold_s": cold[backend], "reference_cold_s": cold["reference"],
             "cold_ratio": cold[backend] / cold["reference"], "warm_ms": warm[backend],
             "reference_warm_ms": warm["reference"], "warm_ratio": warm[backend] / warm["reference"]}
 
