@@ -200,7 +200,7 @@ def _evaluate(args) -> int:
     data = load_data(config, args.data_root, args.download).to(device)
     seed = config.seed if args.seed is None else args.seed
     evaluation = evaluate_with_baseline(saved["images"], saved["labels"], data, config.evaluation, seed=seed, lr=saved.get("eval_lr"),
-                                        progress=not args.quiet)
+                                        baseline_per_class=config.ipc, progress=not args.quiet)
     checkpoint.save_json({"synthetic": str(args.synthetic), "protocol": to_dict(config.evaluation), "evaluation": evaluation}, out)
     _report(evaluation, out)
     return 0

@@ -20,7 +20,7 @@ import torch
 from . import checkpoint
 from .cmi_regularizer import CMIRegularizer
 from .config import DistillConfig
-from .method import Context, RealSampler, SyntheticSet, method_class
+from .method import Context, RealSampler, method_class
 from .mim_regularizer import MIMRegularizer
 from .outputs import save_grid, save_synthetic
 from .preflight import CHECKPOINT, FORMAT, RESTART, check_draws, check_out, check_settings, resolve_device
@@ -110,7 +110,7 @@ def run(
         data = load_data(config, data_root, download).to(device)
     check_draws(config, int(torch.bincount(data.train.labels, minlength=data.info.num_classes).min()), f"{data.info.name}'s training split")
     generator = torch.Generator().manual_seed(derive_seed(config.seed, "init"))
-    synthetic = SyntheticSet.initial(data, config.ipc, config.init, generator)
+    synthetic = method_cls.initial_synthetic(config, data, generator)
     with timed(session, "pretrain"):
         regs = regularizers(config, data, cache_dir=cache_dir, quiet=quiet)
     with timed(session, "prepare"):  # e.g. MTT's expert buffer, trained here when missing
@@ -135,9 +135,10 @@ def run(
         return {"status": "stopped", "iteration": progress["iteration"], "checkpoint": str(out / CHECKPOINT)}
 
     best = progress["best"]
-    images = best["images"].to(device)
-    save_synthetic(out / "synthetic.pt", images, synthetic.labels, data.info, settings, iteration=best["iteration"], eval_lr=best["eval_lr"])
-    save_grid(out / "synthetic.png", data.zca.invert(images) if data.zca is not None else images, data.info, per_row=config.ipc)
+    stored = best["images"].to(device)
+    images, labels = method.decode(stored)
+    save_synthetic(out / "synthetic.pt", images, labels, data.info, settings, iteration=best["iteration"], eval_lr=best["eval_lr"])
+    save_grid(out / "synthetic.png", data.zca.invert(stored) if data.zca is not None else stored, data.info, per_row=config.ipc)
     results = {
         "status": "done",
         "settings": settings,
@@ -150,8 +151,8 @@ def run(
     }
     if final:
         with timed(session, "evaluate"):
-            results["evaluation"] = ev = evaluate_with_baseline(images, synthetic.labels, data, config.evaluation, seed=config.seed,
-                                                                lr=best["eval_lr"], progress=not quiet)
+            results["evaluation"] = ev = evaluate_with_baseline(images, labels, data, config.evaluation, seed=config.seed, lr=best["eval_lr"],
+                                                                baseline_per_class=config.ipc, progress=not quiet)
         log(f"test accuracy: distilled {100 * ev['synthetic']['test_mean']:.2f} +- {100 * ev['synthetic']['test_std']:.2f}, "
             f"random real {100 * ev['random_real']['test_mean']:.2f} +- {100 * ev['random_real']['test_std']:.2f} "
             f"(improvement {100 * ev['improvement']:+.2f} points)")
@@ -205,7 +206,9 @@ def _select(progress: dict, method, data: RealData, config: DistillConfig, quiet
     """Validate the current synthetic set; keep it as the best if its validation accuracy is the highest so far."""
     synthetic = method.ctx.synthetic
     eval_lr = method.eval_lr()
-    accuracy = evaluate(synthetic.images, synthetic.labels, data, config.evaluation, seed=config.seed, lr=eval_lr, test=False,
+    with torch.no_grad():
+        images, labels = method.decode(synthetic.images)
+    accuracy = evaluate(images, labels, data, config.evaluation, seed=config.seed, lr=eval_lr, test=False,
                         models=config.select_models, progress=not quiet)
     record = {"iteration": progress["iteration"], "val_accuracy": accuracy.val_mean, "lr": accuracy.lr}
     progress["selection"].append(record)

@@ -123,9 +123,11 @@ def random_real(data: RealData, per_class: int, seed: int) -> Split:
 
 def evaluate_with_baseline(
     images: torch.Tensor, labels: torch.Tensor, data: RealData, protocol: EvalProtocol, *, seed: int = 0, lr: float | None = None,
-    progress: bool = False,
+    baseline_per_class: int | None = None, progress: bool = False,
 ) -> dict:
-    """Evaluate a synthetic set and, identically, a random real subset of the same size per class.
+    """Evaluate a synthetic set and, identically, a random real subset of ``baseline_per_class`` images
+    per class (default: as many as the synthetic set has; a set decoded from fewer stored images,
+    as IDC's, is compared at its stored number).
 
     Returns {"synthetic": ..., "random_real": ..., "improvement": test mean difference} (fractions).
     ``lr`` (e.g. MTT's learned rate) applies to the synthetic set only; the baseline chooses its own.
@@ -133,8 +135,11 @@ def evaluate_with_baseline(
     counts = torch.bincount(labels.cpu(), minlength=data.info.num_classes)
     if int(counts.min()) != int(counts.max()):
         raise ValueError(f"labels must have the same number of images per class for the baseline, got counts {counts.tolist()}")
+    if baseline_per_class is not None and (isinstance(baseline_per_class, bool) or not isinstance(baseline_per_class, int)
+                                           or baseline_per_class < 1):
+        raise ValueError(f"baseline_per_class must be an integer >= 1, got {baseline_per_class!r}")
     synthetic = evaluate(images, labels, data, protocol, seed=seed, lr=lr, progress=progress)
-    baseline_set = random_real(data, int(counts[0]), seed)
+    baseline_set = random_real(data, baseline_per_class or int(counts[0]), seed)
     baseline = evaluate(baseline_set.images, baseline_set.labels, data, protocol, seed=seed, progress=progress)
     return {
         "synthetic": synthetic.summary(),
