@@ -103,9 +103,9 @@ class IDC(Method):
         std = dataset_info(dataset).std
         # the reference steps images in pixel units, with its lr scaled by ipc / 10; ours are normalised (x / std)
         image_lr = pixel_lr * ipc / 10 / (sum(std) / len(std)) ** 2
-        if name == "quick":  # the reference's settings with 20 image steps in all, for a 2-core CPU
-            return {"iterations": 4, "image_lr": image_lr, "image_momentum": 0.5, "real_per_class": 32, "dsa": True,
-                    "options": IDCOptions(inner_loop=5, metric=metric, net_samples=net_samples, augment=augment)}
+        if name == "quick":  # the reference's settings with 8 image steps in all, for a 2-core CPU
+            return {"iterations": 2, "image_lr": image_lr, "image_momentum": 0.5, "real_per_class": 16, "dsa": True,
+                    "options": IDCOptions(inner_loop=4, metric=metric, net_samples=256, augment=augment)}
         return {"iterations": 2000, "image_lr": image_lr, "image_momentum": 0.5, "real_per_class": 64, "dsa": True,
                 "options": IDCOptions(inner_loop=100, metric=metric, net_samples=net_samples, augment=augment)}
 
