@@ -3,7 +3,8 @@ validation-based checkpoint choice, final evaluation against the random-real bas
 
 Files in ``out_dir``: ``checkpoint.pt`` (rewritten atomically every ``checkpoint_every``
 iterations; a rerun with the same settings resumes from it), and at the end ``synthetic.pt`` (the
-set chosen on the validation split), ``synthetic.png`` and ``results.json``.
+set chosen on the validation split, decoded as networks train on it), ``synthetic.png`` (the stored
+images) and ``results.json``.
 """
 
 from __future__ import annotations
