@@ -7,7 +7,7 @@ import dataclasses
 import pytest
 import torch
 
-from ddfast.distill import DistillConfig, preset
+from ddfast.distill import DistillConfig, checkpoint, preset, run
 from ddfast.distill.training.data import data_root
 from ddfast.distill.training.evaluate import EvalProtocol
 from ddfast.distill.training.models import ModelSpec
@@ -55,3 +55,16 @@ def tiny_config(method: str = "dm", **changes) -> DistillConfig:
 
 def tiny_pretrain() -> PretrainSpec:
     return PretrainSpec(model=TINY_MODEL, pool=2, epochs=3, batch_size=32, train_per_class=30)
+
+
+def assert_resumes_identically(config: DistillConfig, full_out, tmp_path) -> None:
+    """A run of ``config`` stopped after one iteration and resumed ends exactly as the uninterrupted run in ``full_out``."""
+    stopped = run(config, tmp_path, quiet=True, stop_after=1, final=False)
+    assert stopped == {"status": "stopped", "iteration": 1, "checkpoint": str(tmp_path / "checkpoint.pt")}
+    assert not (tmp_path / "synthetic.pt").exists()
+    resumed = run(config, tmp_path, quiet=True, final=False)
+    assert "evaluation" not in resumed
+    full, again = checkpoint.load(full_out / "checkpoint.pt"), checkpoint.load(tmp_path / "checkpoint.pt")
+    assert torch.equal(again["images"], full["images"])
+    assert again["progress"]["history"] == full["progress"]["history"]
+    assert again["progress"]["selection"] == full["progress"]["selection"]

@@ -6,7 +6,7 @@ import json
 
 import pytest
 import torch
-from loops_support import mnist_root, one_thread, tiny_config  # noqa: F401  (one_thread: autouse)
+from loops_support import assert_resumes_identically, mnist_root, one_thread, tiny_config  # noqa: F401  (one_thread: autouse)
 from PIL import Image
 
 from ddfast.distill import METHODS, Method, checkpoint, load_data, run
@@ -90,15 +90,7 @@ def run_initial_images(config):
 @pytest.mark.parametrize("method", LOOPS)
 def test_stopped_run_resumes_to_the_same_result(finished, method, tmp_path):
     config, out, _ = finished[method]
-    stopped = run(config, tmp_path, quiet=True, stop_after=1, final=False)
-    assert stopped == {"status": "stopped", "iteration": 1, "checkpoint": str(tmp_path / "checkpoint.pt")}
-    assert not (tmp_path / "synthetic.pt").exists()
-    resumed = run(config, tmp_path, quiet=True, final=False)
-    assert "evaluation" not in resumed
-    full, again = checkpoint.load(out / "checkpoint.pt"), checkpoint.load(tmp_path / "checkpoint.pt")
-    assert torch.equal(again["images"], full["images"])
-    assert again["progress"]["history"] == full["progress"]["history"]
-    assert again["progress"]["selection"] == full["progress"]["selection"]
+    assert_resumes_identically(config, out, tmp_path)
 
 
 def test_resume_refuses_other_settings_unless_restarted(finished, tmp_path):

@@ -1,4 +1,4 @@
-"""Distillation loops: DM, DC and DSA (gradient matching), MTT and BPTT (unrolled students), each
+"""Distillation loops: DM, DC and DSA (gradient matching), IDC, MTT and BPTT (unrolled students), each
 with optional regularisers: CMI and MIM4DD.
 
     from ddfast.distill import preset, run
@@ -10,8 +10,9 @@ What lives where:
 - the runs: ``config`` (``DistillConfig``), ``presets``, ``preflight`` (checks before any work),
   ``runner``, ``sweep``, ``outputs`` (``synthetic.pt`` and its picture), ``cli`` (the ``ddfast`` command);
 - the methods: ``method`` (the ``Method`` base and registry, ``SyntheticSet``, ``RealSampler``,
-  ``Context``, the ``Regularizer`` protocol), ``dm``, ``dc`` (DC, DSA), ``mtt``, ``bptt``, and
-  ``unroll`` (the student MTT and BPTT train by unrolled SGD);
+  ``Context``, the ``Regularizer`` protocol), ``dm``, ``dc`` (DC, DSA), ``idc`` (with
+  ``multiformation``, its stored-image format), ``mtt``, ``bptt``, and ``unroll`` (the student MTT
+  and BPTT train by unrolled SGD);
 - the regularisers: ``cmi_regularizer`` and ``mim_regularizer`` (MIM4DD), on the kernels of
   ``ddfast.ops.cmi`` and ``ddfast.ops.infonce``;
 - what a run relies on: ``settings`` (frozen dataclasses to and from dicts, overrides, ranges),
@@ -23,7 +24,7 @@ Methods register themselves in ``METHODS`` (see ``method.Method``); importing th
 imports the built-in ones.
 """
 
-from . import bptt, dc, dm, mtt  # noqa: F401  (registers the methods)
+from . import bptt, dc, dm, idc, mtt  # noqa: F401  (registers the methods)
 from .cmi_regularizer import CMIConfig, CMIRegularizer
 from .config import DistillConfig
 from .method import METHODS, Context, Method, register

@@ -253,7 +253,7 @@ def _evaluate(args) -> int:
     config = override_all(from_dict(DistillConfig, saved["settings"]), changes + _set_changes(args.set))
     data = load_data(config, args.data_root, args.download, cache_dir=args.cache_dir, quiet=args.quiet).to(device)
     seed = config.seed if args.seed is None else args.seed
-    options = dict(seed=seed, lr=saved.get("eval_lr"), progress=not args.quiet)
+    options = dict(seed=seed, lr=saved.get("eval_lr"), baseline_per_class=config.ipc, progress=not args.quiet)
     if args.arch:
         results = evaluate_architectures(saved["images"], saved["labels"], data, config.evaluation, args.arch, **options)
         checkpoint.save_json({"synthetic": str(args.synthetic), "protocol": to_dict(config.evaluation), "architectures": args.arch,

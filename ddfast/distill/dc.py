@@ -34,34 +34,48 @@ class GradientMatchingOptions:
         check(self, outer_loop=COUNT, inner_loop=NON_NEGATIVE_INT, net_lr=POSITIVE, train_batch=COUNT)
 
 
-def gradient_distance(syn_grads: Sequence[torch.Tensor], real_grads: Sequence[torch.Tensor], eps: float = 1e-6) -> torch.Tensor:
-    """sum over layers and output rows of (1 - cos) between the gradients; 1-D parameters are ignored.
+METRICS = ("cos", "mse", "l1")
 
-    Each gradient is reshaped to (out, -1) (conv: (out, in * kh * kw)).
+
+def gradient_distance(syn_grads: Sequence[torch.Tensor], real_grads: Sequence[torch.Tensor], eps: float = 1e-6,
+                      metric: str = "cos") -> torch.Tensor:
+    """Layer-wise distance between the gradients, summed over layers; 1-D parameters are ignored.
+
+    ``cos`` (DC): each gradient reshaped to (out, -1) (conv: (out, in * kh * kw)), the sum over output
+    rows of (1 - cos); ``mse`` / ``l1`` (IDC): the sum of squared / absolute differences.
     """
+    if metric not in METRICS:
+        raise ValueError(f"metric must be one of {METRICS}, got {metric!r}")
     total = syn_grads[0].new_zeros(())
     for gs, gr in zip(syn_grads, real_grads, strict=True):
         if gs.dim() < 2:
             continue
-        gs, gr = gs.reshape(gs.shape[0], -1), gr.reshape(gr.shape[0], -1)
-        cos = (gs * gr).sum(-1) / (gs.norm(dim=-1) * gr.norm(dim=-1) + eps)
-        total = total + (1 - cos).sum()
+        if metric == "mse":
+            total = total + (gs - gr).pow(2).sum()
+        elif metric == "l1":
+            total = total + (gs - gr).abs().sum()
+        else:
+            gs, gr = gs.reshape(gs.shape[0], -1), gr.reshape(gr.shape[0], -1)
+            cos = (gs * gr).sum(-1) / (gs.norm(dim=-1) * gr.norm(dim=-1) + eps)
+            total = total + (1 - cos).sum()
     return total
 
 
-def matching_loss(network: nn.Module, real: Sequence[torch.Tensor], syn: Sequence[torch.Tensor]) -> torch.Tensor:
+def matching_loss(network: nn.Module, real: Sequence[torch.Tensor], syn: Sequence[torch.Tensor], *, metric: str = "cos",
+                  params: Sequence[torch.Tensor] | None = None) -> torch.Tensor:
     """Gradient-matching loss summed over classes; ``real[c]`` and ``syn[c]`` are images of class c.
 
-    Differentiable with respect to the synthetic images (the real gradients are constants).
+    Matches the gradients of ``params`` (default: every trainable parameter) with ``gradient_distance``'s
+    ``metric``. Differentiable with respect to the synthetic images (the real gradients are constants).
     """
-    params = [p for p in network.parameters() if p.requires_grad]
+    params = [p for p in network.parameters() if p.requires_grad] if params is None else list(params)
     total = None
     for c, (real_c, syn_c) in enumerate(zip(real, syn, strict=True)):
         real_loss = F.cross_entropy(network(real_c), torch.full((len(real_c),), c, device=real_c.device))
         real_grads = [g.detach() for g in torch.autograd.grad(real_loss, params)]
         syn_loss = F.cross_entropy(network(syn_c), torch.full((len(syn_c),), c, device=syn_c.device))
         syn_grads = torch.autograd.grad(syn_loss, params, create_graph=True)
-        distance = gradient_distance(syn_grads, real_grads)
+        distance = gradient_distance(syn_grads, real_grads, metric=metric)
         total = distance if total is None else total + distance
     return total
 

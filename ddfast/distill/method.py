@@ -165,6 +165,16 @@ class Method:
         """DistillConfig fields of preset ``name`` ("upstream" or "quick") for this method."""
         raise NotImplementedError
 
+    @classmethod
+    def initial_synthetic(cls, config: DistillConfig, data: RealData, generator: torch.Generator) -> SyntheticSet:
+        """The synthetic set a run starts from (``SyntheticSet.initial``; a method storing images otherwise overrides it)."""
+        return SyntheticSet.initial(data, config.ipc, config.init, generator)
+
+    def decode(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The training set (images, labels) that stored ``images`` (N, C, H, W) stand for: what networks are
+        validated and evaluated on, and what the regularisers see. Here the images themselves."""
+        return images, self.ctx.synthetic.labels.to(images.device)
+
     def step(self, iteration: int) -> dict[str, float]:
         """One iteration; returns the values to log (at least ``loss``)."""
         raise NotImplementedError
@@ -182,11 +192,15 @@ class Method:
         for reg, saved in zip(self.ctx.regularizers, state["regularizers"], strict=True):
             reg.load_state_dict(saved)
 
-    def regularize(self, iteration: int) -> tuple[torch.Tensor | float, dict[str, float]]:
-        """The regularisers' terms on the un-augmented synthetic set (0 without any) and their logs."""
-        syn, total, logs = self.ctx.synthetic, 0.0, {}
+    def regularize(self, iteration: int, images: torch.Tensor | None = None,
+                   labels: torch.Tensor | None = None) -> tuple[torch.Tensor | float, dict[str, float]]:
+        """The regularisers' terms (0 without any) and their logs, on (images, labels): by default the
+        un-augmented training set the synthetic images decode to."""
+        if images is None:
+            images, labels = self.decode(self.ctx.synthetic.images)
+        total, logs = 0.0, {}
         for reg in self.ctx.regularizers:
-            term, values = reg(syn.images, syn.labels, iteration)
+            term, values = reg(images, labels, iteration)
             total, logs = total + term, {**logs, **values}
         return total, logs
 

@@ -19,8 +19,12 @@ from .training.pretrain import PretrainSpec
 
 PRESETS = ("upstream", "quick")
 
-# The CMI authors' weights (lambda), known for CIFAR-10 only.
-UPSTREAM_CMI_WEIGHTS = {("dm", "cifar10", 10): 8000.0, ("dm", "cifar10", 50): 2000.0, ("dc", "cifar10", 10): 50000.0, ("dsa", "cifar10", 10): 50000.0}
+# The CMI authors' weights (lambda) in their public code. IDC's weigh a per-class CMI, summed over classes.
+UPSTREAM_CMI_WEIGHTS = {
+    ("dm", "cifar10", 10): 8000.0, ("dm", "cifar10", 50): 2000.0, ("dc", "cifar10", 10): 50000.0, ("dsa", "cifar10", 10): 50000.0,
+    ("idc", "cifar10", 10): 100.0, ("idc", "cifar10", 50): 50.0, ("idc", "cifar100", 10): 100.0, ("idc", "cifar100", 50): 50.0,
+    ("idc", "svhn", 10): 50.0, ("idc", "svhn", 50): 50.0,
+}
 
 # quick: chosen on MNIST IPC 10's validation split with `--sweep cmi.weight=...` (validation accuracy
 # of the chosen checkpoint, one network): logits 10 / 100 / 1000 -> 92.5 / 91.5 / 89.4 %, penultimate
@@ -38,7 +42,8 @@ def preset(method: str, dataset: str, ipc: int, name: str = "upstream", *, cmi: 
     """The DistillConfig of preset ``name`` for ``method`` on ``dataset`` with ``ipc`` images per class.
 
     ``cmi=True`` adds the CMI regulariser with the preset's weight; ``cmi_weight`` sets the weight
-    (and implies ``cmi``). Upstream weights exist for CIFAR-10 only: elsewhere pass ``cmi_weight``.
+    (and implies ``cmi``). Upstream weights exist for the settings in ``UPSTREAM_CMI_WEIGHTS`` only:
+    elsewhere pass ``cmi_weight``.
     ``mim`` / ``mim_weight`` do the same for MIM4DD, whose upstream weight is not published.
     """
     if name not in PRESETS:

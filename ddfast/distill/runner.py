@@ -3,7 +3,8 @@ validation-based checkpoint choice, final evaluation against the random-real bas
 
 Files in ``out_dir``: ``checkpoint.pt`` (rewritten atomically every ``checkpoint_every``
 iterations; a rerun with the same settings resumes from it), and at the end ``synthetic.pt`` (the
-set chosen on the validation split), ``synthetic.png`` and ``results.json``.
+set chosen on the validation split, decoded as networks train on it), ``synthetic.png`` (the stored
+images) and ``results.json``.
 
 Under torchrun the processes share each iteration (``Method.distributed``); rank 0 alone checks the
 output folder, validates, writes the checkpoints and outputs, and evaluates; a resumed run's
@@ -24,7 +25,7 @@ import torch
 from . import checkpoint, distributed
 from .cmi_regularizer import CMIRegularizer
 from .config import DistillConfig
-from .method import Context, RealSampler, SyntheticSet, method_class
+from .method import Context, RealSampler, method_class
 from .mim_regularizer import MIMRegularizer
 from .outputs import save_grid, save_synthetic
 from .preflight import CHECKPOINT, FORMAT, RESTART, check_distributed, check_draws, check_out, check_settings, resolve_device
@@ -131,7 +132,7 @@ def _run(config: DistillConfig, out: Path, world: distributed.World, device: tor
         data = load_data(config, data_root, download, cache_dir=cache_dir, quiet=quiet).to(device)
     check_draws(config, int(torch.bincount(data.train.labels, minlength=data.info.num_classes).min()), f"{data.info.name}'s training split")
     generator = torch.Generator().manual_seed(derive_seed(config.seed, "init"))
-    synthetic = SyntheticSet.initial(data, config.ipc, config.init, generator)
+    synthetic = method_cls.initial_synthetic(config, data, generator)
     with timed(session, "pretrain"):
         regs = regularizers(config, data, cache_dir=cache_dir, quiet=quiet)
     with timed(session, "prepare"):  # e.g. MTT's expert buffer, trained here when missing
@@ -160,9 +161,10 @@ def _run(config: DistillConfig, out: Path, world: distributed.World, device: tor
         return {"status": "done", "iteration": progress["iteration"], "rank": world.rank}
 
     best = progress["best"]
-    images = best["images"].to(device)
-    save_synthetic(out / "synthetic.pt", images, synthetic.labels, data.info, settings, iteration=best["iteration"], eval_lr=best["eval_lr"])
-    save_grid(out / "synthetic.png", data.zca.invert(images) if data.zca is not None else images, data.info, per_row=config.ipc)
+    stored = best["images"].to(device)
+    images, labels = method.decode(stored)
+    save_synthetic(out / "synthetic.pt", images, labels, data.info, settings, iteration=best["iteration"], eval_lr=best["eval_lr"])
+    save_grid(out / "synthetic.png", data.zca.invert(stored) if data.zca is not None else stored, data.info, per_row=config.ipc)
     results = {
         "status": "done",
         "settings": settings,
@@ -175,8 +177,8 @@ def _run(config: DistillConfig, out: Path, world: distributed.World, device: tor
     }
     if final:
         with timed(session, "evaluate"):
-            results["evaluation"] = ev = evaluate_with_baseline(images, synthetic.labels, data, config.evaluation, seed=config.seed,
-                                                                lr=best["eval_lr"], progress=not quiet)
+            results["evaluation"] = ev = evaluate_with_baseline(images, labels, data, config.evaluation, seed=config.seed, lr=best["eval_lr"],
+                                                                baseline_per_class=config.ipc, progress=not quiet)
         log(f"test accuracy: distilled {100 * ev['synthetic']['test_mean']:.2f} +- {100 * ev['synthetic']['test_std']:.2f}, "
             f"random real {100 * ev['random_real']['test_mean']:.2f} +- {100 * ev['random_real']['test_std']:.2f} "
             f"(improvement {100 * ev['improvement']:+.2f} points)")
@@ -230,7 +232,9 @@ def _select(progress: dict, method, data: RealData, config: DistillConfig, quiet
     """Validate the current synthetic set; keep it as the best if its validation accuracy is the highest so far."""
     synthetic = method.ctx.synthetic
     eval_lr = method.eval_lr()
-    accuracy = evaluate(synthetic.images, synthetic.labels, data, config.evaluation, seed=config.seed, lr=eval_lr, test=False,
+    with torch.no_grad():
+        images, labels = method.decode(synthetic.images)
+    accuracy = evaluate(images, labels, data, config.evaluation, seed=config.seed, lr=eval_lr, test=False,
                         models=config.select_models, progress=not quiet)
     record = {"iteration": progress["iteration"], "val_accuracy": accuracy.val_mean, "lr": accuracy.lr}
     progress["selection"].append(record)

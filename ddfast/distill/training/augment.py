@@ -145,6 +145,29 @@ class DSA:
         return _affine(x, torch.stack([cos, sin, zero, -sin, cos, zero], 1))
 
 
+
+class DSAChain:
+    """DSA operations applied one after another, each with its own draw (IDC's augmentation composes
+    color, crop and cutout instead of picking one). The same interface as ``DSA``."""
+
+    def __init__(self, operations: tuple[str, ...], pairing: str = "batch"):
+        if not operations:
+            raise ValueError("operations must name at least one DSA operation")
+        self.steps = [DSA(DSAConfig(operations=(op,), pairing=pairing)) for op in operations]
+
+    def __call__(self, *batches: torch.Tensor, generator: torch.Generator | None = None) -> tuple[torch.Tensor, ...] | torch.Tensor:
+        return self._chain("__call__", batches, generator)
+
+    def match(self, *batches: torch.Tensor, generator: torch.Generator | None = None) -> tuple[torch.Tensor, ...] | torch.Tensor:
+        return self._chain("match", batches, generator)
+
+    def _chain(self, how: str, batches, generator):
+        out = batches
+        for step in self.steps:
+            out = getattr(step, how)(*out, generator=generator)
+            out = out if isinstance(out, tuple) else (out,)
+        return out if len(out) > 1 else out[0]
+
 def _color(x, brightness, saturation, contrast):
     x = x + brightness.to(x.dtype).view(-1, 1, 1, 1)
     mean = x.mean(dim=1, keepdim=True)

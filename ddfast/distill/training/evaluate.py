@@ -125,9 +125,11 @@ def random_real(data: RealData, per_class: int, seed: int) -> Split:
 
 def evaluate_with_baseline(
     images: torch.Tensor, labels: torch.Tensor, data: RealData, protocol: EvalProtocol, *, seed: int = 0, lr: float | None = None,
-    progress: bool = False,
+    baseline_per_class: int | None = None, progress: bool = False,
 ) -> dict:
-    """Evaluate a synthetic set and, identically, a random real subset of the same size per class.
+    """Evaluate a synthetic set and, identically, a random real subset of ``baseline_per_class`` images
+    per class (default: as many as the synthetic set has; a set decoded from fewer stored images,
+    as IDC's, is compared at its stored number).
 
     Returns {"synthetic": ..., "random_real": ..., "improvement": test mean difference} (fractions).
     ``lr`` (e.g. MTT's learned rate) applies to the synthetic set only; the baseline chooses its own.
@@ -135,8 +137,11 @@ def evaluate_with_baseline(
     counts = torch.bincount(labels.cpu(), minlength=data.info.num_classes)
     if int(counts.min()) != int(counts.max()):
         raise ValueError(f"labels must have the same number of images per class for the baseline, got counts {counts.tolist()}")
+    if baseline_per_class is not None and (isinstance(baseline_per_class, bool) or not isinstance(baseline_per_class, int)
+                                           or baseline_per_class < 1):
+        raise ValueError(f"baseline_per_class must be an integer >= 1, got {baseline_per_class!r}")
     synthetic = evaluate(images, labels, data, protocol, seed=seed, lr=lr, progress=progress)
-    baseline_set = random_real(data, int(counts[0]), seed)
+    baseline_set = random_real(data, baseline_per_class or int(counts[0]), seed)
     baseline = evaluate(baseline_set.images, baseline_set.labels, data, protocol, seed=seed, progress=progress)
     return {
         "synthetic": synthetic.summary(),
@@ -147,7 +152,7 @@ def evaluate_with_baseline(
 
 def evaluate_architectures(
     images: torch.Tensor, labels: torch.Tensor, data: RealData, protocol: EvalProtocol, archs: list[str] | tuple[str, ...], *,
-    seed: int = 0, lr: float | None = None, progress: bool = False,
+    seed: int = 0, lr: float | None = None, baseline_per_class: int | None = None, progress: bool = False,
 ) -> dict:
     """``evaluate_with_baseline`` on each architecture of ``archs`` (names of ``models.ARCH_NAMES``), in order.
 
@@ -164,6 +169,7 @@ def evaluate_architectures(
     results = {}
     for name, spec in specs.items():
         start = time.perf_counter()
-        evaluation = evaluate_with_baseline(images, labels, data, replace(protocol, model=spec), seed=seed, lr=lr, progress=progress)
+        evaluation = evaluate_with_baseline(images, labels, data, replace(protocol, model=spec), seed=seed, lr=lr,
+                                            baseline_per_class=baseline_per_class, progress=progress)
         results[name] = {"model": asdict(spec), "seconds": time.perf_counter() - start, **evaluation}
     return results
