@@ -55,7 +55,7 @@ def test_each_process_feeds_its_classes_rows(monkeypatch):
     net = ConvNet(1, 10, 28, width=4, depth=2).eval()
     images, labels = torch.randn(10, 1, 28, 28), torch.arange(5).repeat_interleave(2)
     for rank, own in ((0, [0, 1, 4, 5, 8, 9]), (1, [2, 3, 6, 7])):
-        CMIRegularizer([net], CMIConfig(weight=1.0, features="embed"), 10, World(rank, 2))(images, labels)
+        CMIRegularizer([net], CMIConfig(weight=1.0, features="embed"), 10, world=World(rank, 2))(images, labels)
         features, got_labels, classes = seen[-1]
         assert torch.equal(got_labels, labels[own]) and classes == 10
         torch.testing.assert_close(features, net.embed(images[own]))

@@ -46,7 +46,7 @@ class CMIRegularizer:
     independently: eval mode).
     """
 
-    def __init__(self, networks: list[nn.Module], config: CMIConfig, num_classes: int, world: World = World()):
+    def __init__(self, networks: list[nn.Module], config: CMIConfig, num_classes: int, *, world: World = World()):
         if not networks:
             raise ValueError("the CMI regulariser needs at least one pre-trained network")
         self.networks, self.config, self.num_classes, self.world = networks, config, num_classes, world
