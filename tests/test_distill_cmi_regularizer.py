@@ -5,6 +5,7 @@ import torch
 from loops_support import mnist_root, one_thread, tiny_config, tiny_pretrain  # noqa: F401  (one_thread: autouse)
 
 from ddfast.distill import CMIConfig, CMIRegularizer, checkpoint, cmi_regularizer, preset, run
+from ddfast.distill.distributed import World
 from ddfast.distill.training.models import ConvNet
 
 
@@ -20,7 +21,7 @@ def test_config_validation():
 def test_regulariser_feeds_cmi_loss_and_draws_from_the_pool(monkeypatch):
     calls = []
 
-    def fake_cmi_loss(features, labels, num_classes=None, *, temperature=1.0, centroids=None, reduction="mean", backend="auto"):
+    def fake_cmi_loss(features, labels, num_classes=None, *, temperature=1.0, centroids=None, reduction="mean", backend="auto", group=None):
         calls.append((features, labels, num_classes, temperature))
         return features.sum() * 0 + float(len(calls))
 
@@ -41,6 +42,23 @@ def test_regulariser_feeds_cmi_loss_and_draws_from_the_pool(monkeypatch):
         logits(images, labels, seed)
         picked.add(next(i for i, net in enumerate(pool) if torch.equal(calls[-1][0], net(images))))
     assert picked == {0, 1}
+
+
+def test_each_process_feeds_its_classes_rows(monkeypatch):
+    seen = []
+
+    def fake_cmi_loss(features, labels, num_classes=None, *, temperature=1.0, centroids=None, reduction="mean", backend="auto", group=None):
+        seen.append((features, labels, num_classes))
+        return features.sum() * 0
+
+    monkeypatch.setattr(cmi_regularizer, "cmi_loss", fake_cmi_loss)
+    net = ConvNet(1, 10, 28, width=4, depth=2).eval()
+    images, labels = torch.randn(10, 1, 28, 28), torch.arange(5).repeat_interleave(2)
+    for rank, own in ((0, [0, 1, 4, 5, 8, 9]), (1, [2, 3, 6, 7])):
+        CMIRegularizer([net], CMIConfig(weight=1.0, features="embed"), 10, world=World(rank, 2))(images, labels)
+        features, got_labels, classes = seen[-1]
+        assert torch.equal(got_labels, labels[own]) and classes == 10
+        torch.testing.assert_close(features, net.embed(images[own]))
 
 
 def test_presets_need_a_weight_chosen_for_the_data():

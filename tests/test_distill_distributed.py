@@ -19,6 +19,10 @@ DM = [
     "--set", "model.width=16", "--set", "evaluation.model.width=16", "--set", "evaluation.epochs=5", "--set", "evaluation.models=1",
     "--set", "train_per_class=30", "--set", "val_per_class=10", "--set", "test_per_class=20", "--set", "real_per_class=16",
 ]
+PRETRAIN = ["pretrain.model.width=16", "pretrain.train_per_class=30", "pretrain.epochs=1"]
+CMI = ["--cmi-weight", "100", "--set", "cmi.features=embed", *(f"--set=cmi.{s}" for s in PRETRAIN)]
+MIM = ["--reg", "mim", "--mim-weight", "10", "--set", "mim.bank_per_class=11", "--set", "mim.refresh_every=2", "--set", "mim.head_dim=16",
+       *(f"--set=mim.{s}" for s in PRETRAIN)]  # the bank of 110 rows is refreshed at iteration 2, where the 2-process run resumes
 BUFFER = [
     "--dataset", "mnist", "--preset", "quick", "--set", "train_per_class=30", "--set", "val_per_class=10",
     "--set", "model.width=8", "--set", "options.experts.experts=3", "--set", "options.max_start_epoch=1",
@@ -63,8 +67,7 @@ def test_world_reads_the_torchrun_environment(monkeypatch):
     (["distill", "--method", "dc", "--dataset", "mnist", "--ipc", "1"], "--method dc runs in one process only"),
     (["distill", "--method", "mtt", "--dataset", "mnist", "--ipc", "1", "--preset", "quick"], "--method mtt runs in one process only"),
     (["distill", "--method", "bptt", "--dataset", "mnist", "--ipc", "1", "--preset", "quick"], "--method bptt runs in one process only"),
-    (["distill", "--method", "dm", "--dataset", "mnist", "--ipc", "1", "--cmi-weight", "10"], "the cmi regulariser runs in one process only"),
-    (["distill", "--method", "dm", "--dataset", "mnist", "--ipc", "1", "--preset", "quick", "--reg", "mim"], "the mim regulariser runs"),
+    (["distill", "--method", "dsa", "--dataset", "mnist", "--ipc", "1", "--cmi-weight", "10"], "--method dsa runs in one process only"),
     (["distill", "--method", "dm", "--dataset", "mnist", "--ipc", "1", "--sweep", "seed=0,1"], "distill --sweep runs in one process only"),
     (["pretrain", "--dataset", "mnist", "--preset", "quick"], "pretrain runs in one process only"),
     (["buffer", "--dataset", "mnist", "--preset", "quick", "--shard", "0/2"], "--shard cannot be combined with torchrun"),
@@ -77,7 +80,7 @@ def test_what_does_not_split_refuses_under_torchrun(args, message, monkeypatch, 
     err = capsys.readouterr().err
     assert exit.value.code == 2 and message in err and len(err.strip().splitlines()) == 1, err
     if args[0] == "distill" and "--sweep" not in args:
-        assert "ddfast distill runs --method dm without regularisers" in err
+        assert "ddfast distill runs --method dm (with --cmi / --reg mim)" in err
 
 
 def test_more_processes_than_classes_refuse(monkeypatch, capsys):
@@ -113,20 +116,39 @@ def test_buffer_from_two_processes_equals_one_process(tmp_path, capsys):
     assert files(two) == expected
 
 
-def test_dm_from_two_processes_equals_one_process_and_resumes(tmp_path, capsys):
+def assert_two_processes_equal_one(tmp_path: Path, args: list[str]) -> dict:
+    """``distill ARGS`` in one process, then on 2 (stopped after iteration 2, then resumed): the same
+    synthetic set and losses; returns the 2-process results."""
     mnist_root()
-    assert main(["distill", *DM, "--out", str(tmp_path / "one")]) == 0
+    assert main(["distill", *args, "--out", str(tmp_path / "one")]) == 0
     two = tmp_path / "two"
-    first = torchrun("-m", "ddfast", "distill", *DM, "--out", str(two), "--stop-after", "2")
+    first = torchrun("-m", "ddfast", "distill", *args, "--out", str(two), "--stop-after", "2")
     assert first.stdout.count("stopped after iteration 2") == 1  # rank 0 speaks for both
     assert sorted(p.name for p in two.iterdir()) == ["checkpoint.pt"]
     assert torch.load(two / "checkpoint.pt", weights_only=True)["progress"]["iteration"] == 2
-    torchrun("-m", "ddfast", "distill", *DM, "--out", str(two))
+    torchrun("-m", "ddfast", "distill", *args, "--out", str(two))
     expected, got = (torch.load(tmp_path / run / "synthetic.pt", weights_only=True) for run in ("one", "two"))
     torch.testing.assert_close(got["images"], expected["images"], rtol=1e-6, atol=1e-6)
     assert got["iteration"] == expected["iteration"]
     expected, got = (json.loads((tmp_path / run / "results.json").read_text()) for run in ("one", "two"))
     assert len(got["loss"]["history"]) == 4
     for mine, theirs in zip(got["loss"]["history"], expected["loss"]["history"], strict=True):
-        assert mine["match"] == pytest.approx(theirs["match"], rel=1e-6)
+        assert mine.keys() == theirs.keys()
+        for name in mine:
+            assert mine[name] == pytest.approx(theirs[name], rel=1e-6), name
     assert got["selection"] == expected["selection"]
+    return got
+
+
+def test_dm_from_two_processes_equals_one_process_and_resumes(tmp_path, capsys):
+    assert_two_processes_equal_one(tmp_path, DM)
+
+
+def test_dm_with_cmi_from_two_processes_equals_one_process_and_resumes(tmp_path, capsys):
+    got = assert_two_processes_equal_one(tmp_path, [*DM, *CMI, "--cache-dir", str(tmp_path / "cache")])
+    assert all(h["cmi"] > 0 and h["loss"] > h["match"] for h in got["loss"]["history"])
+
+
+def test_dm_with_mim_from_two_processes_equals_one_process_and_resumes(tmp_path, capsys):
+    got = assert_two_processes_equal_one(tmp_path, [*DM, *MIM, "--cache-dir", str(tmp_path / "cache")])
+    assert all(h["mim"] > 0 and h["loss"] > h["match"] for h in got["loss"]["history"])

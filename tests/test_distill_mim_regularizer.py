@@ -7,6 +7,7 @@ import torch.nn.functional as F
 from loops_support import one_thread  # noqa: F401  (autouse)
 
 from ddfast.distill import MIMConfig, MIMRegularizer
+from ddfast.distill.distributed import World
 from ddfast.distill.training.data import RealData, Split, dataset_info
 from ddfast.distill.training.models import ConvNet
 
@@ -68,6 +69,22 @@ def test_bank_refreshes_on_schedule_and_reproducibly():
     again = MIMRegularizer(nets, config, data, seed=0)
     again(images, labels, 0)
     assert all(torch.equal(a, b) for a, b in zip(first, again.bank))  # a resumed run rebuilds the same bank
+
+
+def test_processes_hold_shards_whose_union_is_the_bank():
+    data = fake_data()
+    nets = [ConvNet(1, 10, 28, width=4, depth=2).requires_grad_(False) for _ in range(3)]
+    config = MIMConfig(weight=1.0, bank_per_class=3, refresh_every=5)
+    whole = MIMRegularizer(nets, config, data, seed=2)
+    whole._refresh(5)
+    shards = [MIMRegularizer(nets, config, data, seed=2, world=World(rank, 3)) for rank in range(3)]
+    for shard in shards:
+        shard._refresh(5)
+        assert shard.network is whole.network
+    assert [len(s.bank_labels) for s in shards] == [10, 10, 10]
+    for level, bank in enumerate(whole.bank):
+        torch.testing.assert_close(torch.cat([s.bank[level] for s in shards]), bank[torch.cat([torch.arange(r, 30, 3) for r in range(3)])])
+    assert torch.equal(torch.cat([s.bank_labels for s in shards]), whole.bank_labels[torch.cat([torch.arange(r, 30, 3) for r in range(3)])])
 
 
 def test_state_round_trips():

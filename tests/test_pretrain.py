@@ -31,6 +31,10 @@ def test_pool_is_trained_once_then_loaded(tmp_path, monkeypatch, capsys):
         assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
     with pytest.raises(AssertionError, match="trained again"):  # other settings, other networks
         pretrain.pretrained_pool(dataclasses.replace(tiny_pretrain(), lr=0.02), data, key, cache=tmp_path, quiet=True)
+    cached = pretrain.pretrained_pool(tiny_pretrain(), data, key, cache=tmp_path, quiet=True, cached_only=True)
+    assert all(torch.equal(a.classifier.weight, b.classifier.weight) for a, b in zip(pool, cached))
+    with pytest.raises(FileNotFoundError, match="pre-trained network 1/2 is not in the cache at .*every process must see"):
+        pretrain.pretrained_pool(dataclasses.replace(tiny_pretrain(), lr=0.02), data, key, cache=tmp_path, quiet=True, cached_only=True)
 
 
 def test_pool_size_checked():

@@ -42,6 +42,11 @@ class World:
         """Rank 0: the process that writes outputs and checkpoints and speaks to the user."""
         return self.rank == 0
 
+    @property
+    def process_group(self):
+        """The ops' ``group=`` for these processes: ``torch.distributed.group.WORLD``, or None in one process."""
+        return dist.group.WORLD if self.distributed else None
+
     def shard(self) -> tuple[int, int]:
         """(rank, size): this process's share of work split as ``k % size == rank``."""
         return self.rank, self.size

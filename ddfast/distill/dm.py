@@ -2,8 +2,9 @@
 synthetic images under a fresh, randomly initialised network each iteration.
 
 loss = sum_c || mean(embed(real_c)) - mean(embed(syn_c)) ||^2, with DSA (the same parameters for
-the real and the synthetic batch of a class), plus the CMI regulariser when configured. Under
-torchrun each process computes the classes c with c % WORLD_SIZE == RANK and the gradients are summed.
+the real and the synthetic batch of a class), plus the regularisers when configured. Under
+torchrun each process computes the classes c with c % WORLD_SIZE == RANK and the gradients are summed
+(the regularisers split their own work: ``cmi_regularizer``, ``mim_regularizer``).
 
 Where the network treats samples independently (instance norm or none, not batch norm), all classes'
 real batches go through it in a few large forward passes and all synthetic images in one, with
@@ -103,6 +104,7 @@ class DM(Method):
         reg, logs = self.regularize(iteration)
         loss = match + reg
         self.update_images(loss)
-        if ctx.world.distributed:  # the whole loss, for the log (regularisers run in one process only)
-            match = loss = ctx.world.sum_(match.detach().clone(), "summing the loss")
+        if ctx.world.distributed:  # the whole loss, for the log (each process has the regularisers' whole value)
+            match = ctx.world.sum_(match.detach().clone(), "summing the loss")
+            loss = match + reg
         return {"loss": loss.item(), "match": match.item(), **logs}

@@ -86,7 +86,8 @@ class Regularizer(Protocol):
 
     ``reg(images, labels, iteration)`` -> (weighted term, values to log). ``parameters()`` are its own
     learnable tensors, updated by ``step()`` after each backward pass; ``state_dict`` is what a
-    resumed run needs.
+    resumed run needs. Under torchrun every process calls it on the whole synthetic set and gets the
+    whole term; its gradients, summed over the processes, must be the one-process gradients.
     """
 
     def __call__(self, images: torch.Tensor, labels: torch.Tensor, iteration: int) -> tuple[torch.Tensor, dict[str, float]]: ...

@@ -13,6 +13,12 @@ the features come from one network trained on the real data (drawn from a cached
 ConvNets) that stays fixed between bank refreshes; the bank (``bank_per_class`` images per class, or
 the whole training split) is recomputed every ``refresh_every`` iterations, with a new draw of the
 network and the images. ``ddfast.infonce`` streams over the bank, so 50K negatives cost no N x M memory.
+
+Under torchrun each process holds and refreshes a shard of the bank (rows i with i % WORLD_SIZE ==
+RANK of the one-process bank) and ``infonce`` runs with ``group=`` and the synthetic queries
+replicated, so every process gets the whole value and the synthetic side's whole gradient. The
+processes' gradients are summed (``Method.update_images``), so that side's gradient is kept on rank 0
+only; the bank side's (into the heads) is each shard's share.
 """
 
 from __future__ import annotations
@@ -25,6 +31,7 @@ from torch import nn
 
 from ddfast.ops.infonce import infonce
 
+from .distributed import World
 from .settings import COUNT, NON_NEGATIVE, OPTIONAL_COUNT, POSITIVE, Range, check
 from .training.data import RealData, random_per_class
 from .training.models import ModelSpec
@@ -65,12 +72,14 @@ class MIMRegularizer:
     """``reg(images, labels, iteration)`` -> (weight * sum_l beta^l NCE_l, {"mim": sum_l beta^l NCE_l}).
 
     ``networks`` are frozen ConvNets trained on ``data.train``; see ``method.Regularizer`` for the protocol.
+    In a distributed ``world`` this process holds its shard of the bank.
     """
 
-    def __init__(self, networks: list[nn.Module], config: MIMConfig, data: RealData, *, seed: int = 0, chunk: int = 1024):
+    def __init__(self, networks: list[nn.Module], config: MIMConfig, data: RealData, *, seed: int = 0, chunk: int = 1024,
+                 world: World = World()):
         if not networks:
             raise ValueError("the MIM regulariser needs at least one pre-trained network")
-        self.networks, self.config, self.data, self.seed, self.chunk = networks, config, data, seed, chunk
+        self.networks, self.config, self.data, self.seed, self.chunk, self.world = networks, config, data, seed, chunk, world
         device = data.train.images.device
         with torch.no_grad():
             dims = [f.shape[1] for f in self.features(networks[0], data.train.images[:1])]
@@ -95,7 +104,7 @@ class MIMRegularizer:
             index = torch.arange(len(train.labels))
         else:
             index = random_per_class(train.labels, info.num_classes, self.config.bank_per_class, generator)
-        index = index.to(train.images.device)
+        index = index[self.world.rank :: self.world.size].to(train.images.device)
         with torch.no_grad():
             parts = [self.features(self.network, train.images[index[i : i + self.chunk]]) for i in range(0, len(index), self.chunk)]
         self.bank = [torch.cat(layer) for layer in zip(*parts)]
@@ -106,7 +115,11 @@ class MIMRegularizer:
         self._refresh(iteration)
         total = images.new_zeros(())
         for level, (g, syn, bank) in enumerate(zip(self.heads, self.features(self.network, images), self.bank), start=1):
-            nce = infonce(g(syn), g(bank), labels, self.bank_labels, temperature=self.config.temperature, normalize=True)
+            query = g(syn)
+            if not self.world.leads:  # the synthetic side's gradient counts once in the processes' sum
+                query = query.detach().requires_grad_(query.requires_grad)
+            nce = infonce(query, g(bank), labels, self.bank_labels, temperature=self.config.temperature, normalize=True,
+                          group=self.world.process_group)
             total = total + self.config.beta**level * nce
         return self.config.weight * total, {"mim": total.item()}
 

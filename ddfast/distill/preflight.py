@@ -62,15 +62,13 @@ def check_settings(config: DistillConfig) -> None:
 
 def check_distributed(config: DistillConfig, world: World) -> None:
     """Under torchrun (WORLD_SIZE > 1), the settings split over the processes: a method that shares its
-    work (``Method.distributed``), no regulariser, and at least one class per process."""
+    work (``Method.distributed``, with any regulariser) and at least one class per process."""
     if not world.distributed:
         return
     supported = ", ".join(sorted(name for name, cls in METHODS.items() if cls.distributed))
-    regs = [name for name in ("cmi", "mim") if getattr(config, name) is not None]
-    if not method_class(config.method).distributed or regs:
-        what = f"the {' and '.join(regs)} regulariser" if method_class(config.method).distributed else f"--method {config.method}"
-        raise ValueError(f"under torchrun (WORLD_SIZE={world.size}) ddfast distill runs --method {supported} without regularisers; "
-                         f"{what} runs in one process only: start it without torchrun, or with --nproc-per-node 1")
+    if not method_class(config.method).distributed:
+        raise ValueError(f"under torchrun (WORLD_SIZE={world.size}) ddfast distill runs --method {supported} (with --cmi / --reg mim); "
+                         f"--method {config.method} runs in one process only: start it without torchrun, or with --nproc-per-node 1")
     classes = dataset_info(config.dataset).num_classes
     if world.size > classes:
         raise ValueError(f"WORLD_SIZE={world.size} is more processes than the {classes} classes of {config.dataset}: "

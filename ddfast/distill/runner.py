@@ -75,24 +75,35 @@ def data_key(config: DistillConfig) -> dict:
 
 
 def pretrain(config: DistillConfig, data: RealData, *, cache_dir: str | os.PathLike | None = None,
-             quiet: bool = False) -> dict[str, list[torch.nn.Module]]:
-    """The regularisers' pools of pre-trained networks for ``config`` (trained once, then cached), by name ("cmi", "mim")."""
+             quiet: bool = False, cached_only: bool = False) -> dict[str, list[torch.nn.Module]]:
+    """The regularisers' pools of pre-trained networks for ``config`` (trained once, then cached), by name ("cmi", "mim");
+    ``cached_only``: loaded from the cache only (``FileNotFoundError`` where one is missing)."""
     specs = {name: reg.pretrain for name, reg in (("cmi", config.cmi), ("mim", config.mim)) if reg is not None}
     if not specs:
         raise ValueError("the settings have no regulariser (cmi and mim are None), so there is no pool to pre-train")
-    return {name: pretrained_pool(spec, data, data_key(config), cache=cache_dir, quiet=quiet) for name, spec in specs.items()}
+    return {name: pretrained_pool(spec, data, data_key(config), cache=cache_dir, quiet=quiet, cached_only=cached_only)
+            for name, spec in specs.items()}
 
 
-def regularizers(config: DistillConfig, data: RealData, *, cache_dir: str | os.PathLike | None = None, quiet: bool = False) -> list:
-    """The regularisers ``config`` asks for, with their pre-trained networks."""
+def regularizers(config: DistillConfig, data: RealData, *, cache_dir: str | os.PathLike | None = None, quiet: bool = False,
+                 world: distributed.World = distributed.World()) -> list:
+    """The regularisers ``config`` asks for, with their pre-trained networks, sharing ``world``'s work.
+
+    In a distributed ``world`` rank 0 trains (or loads) the pools into the cache first, and the other
+    ranks load them from there once it has: every process uses the same networks.
+    """
     if config.cmi is None and config.mim is None:
         return []
-    pools = pretrain(config, data, cache_dir=cache_dir, quiet=quiet)
+    if world.distributed:
+        if world.leads:
+            pretrain(config, data, cache_dir=cache_dir, quiet=quiet)
+        world.barrier("waiting for rank 0 to pre-train the regularisers' networks")
+    pools = pretrain(config, data, cache_dir=cache_dir, quiet=quiet or world.distributed, cached_only=world.distributed)
     regs = []
     if config.cmi is not None:
-        regs.append(CMIRegularizer(pools["cmi"], config.cmi, data.info.num_classes))
+        regs.append(CMIRegularizer(pools["cmi"], config.cmi, data.info.num_classes, world=world))
     if config.mim is not None:
-        regs.append(MIMRegularizer(pools["mim"], config.mim, data, seed=config.seed))
+        regs.append(MIMRegularizer(pools["mim"], config.mim, data, seed=config.seed, world=world))
     return regs
 
 
@@ -134,7 +145,7 @@ def _run(config: DistillConfig, out: Path, world: distributed.World, device: tor
     generator = torch.Generator().manual_seed(derive_seed(config.seed, "init"))
     synthetic = method_cls.initial_synthetic(config, data, generator)
     with timed(session, "pretrain"):
-        regs = regularizers(config, data, cache_dir=cache_dir, quiet=quiet)
+        regs = regularizers(config, data, cache_dir=cache_dir, quiet=quiet, world=world)
     with timed(session, "prepare"):  # e.g. MTT's expert buffer, trained here when missing
         method = method_cls(Context(config, data, synthetic, RealSampler(data), regs, data_key(config), cache_dir, quiet, world))
     settings = to_dict(config)

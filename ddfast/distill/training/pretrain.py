@@ -44,12 +44,14 @@ class PretrainSpec:
 
 
 def pretrained_pool(
-    spec: PretrainSpec, data: RealData, data_key: dict, *, seed: int = 0, cache: str | os.PathLike | None = None, quiet: bool = False
+    spec: PretrainSpec, data: RealData, data_key: dict, *, seed: int = 0, cache: str | os.PathLike | None = None, quiet: bool = False,
+    cached_only: bool = False,
 ) -> list[nn.Module]:
     """``spec.pool`` frozen networks (eval mode, on the data's device) trained on ``data.train``.
 
     ``data_key`` names the data they are trained on (dataset and split settings) for the cache key.
-    Messages and a progress bar go to stderr unless ``quiet``.
+    Messages and a progress bar go to stderr unless ``quiet``. ``cached_only``: a network missing
+    from the cache is a ``FileNotFoundError`` instead of being trained.
     """
     log = logger(quiet)
     device = data.train.images.device
@@ -61,6 +63,9 @@ def pretrained_pool(
         path = folder / f"{data.info.label}-{spec.model.arch}-{key:016x}.pt"
         model = spec.model.build(data.info.channels, data.info.num_classes, data.info.image_size).to(device)
         state = _cached(path, model, training, data_key)
+        if state is None and cached_only:
+            raise FileNotFoundError(f"pre-trained network {k + 1}/{spec.pool} is not in the cache at {path}: "
+                                    "under torchrun every process must see rank 0's --cache-dir (one machine or a shared folder)")
         if state is None:
             with seeded(derive_seed(key), device):
                 train = data.train
