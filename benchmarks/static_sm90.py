@@ -3,7 +3,7 @@ configurations its backend picks, with registers per thread, spills, shared memo
 lower, all without a GPU (see ``benchmarks.hopper``).
 
 The configurations come from the backends' own functions and constants (infonce ``_config``, cmi
-``_block_k`` / ``ROWS`` / ``CHUNK_ROWS``, trajectory_mse ``CHUNK`` / ``BLOCK`` / ``_tensors_block``), so
+``_config`` / ``ROWS`` / ``CHUNK_ROWS``, trajectory_mse ``CHUNK`` / ``BLOCK`` / ``_tensors_block``), so
 the report follows the code. ``python benchmarks/static_sm90.py [--ops infonce]`` prints the table.
 """
 
@@ -59,18 +59,24 @@ def cmi_specs(k: int, dtype: torch.dtype) -> list[dict]:
     index = {name: "*i64" for name in ("order_ptr", "start_ptr", "end_ptr", "cls_ptr", "labels_ptr", "first_ptr", "counts_ptr")}
     stats = {name: acc for name in ("norm_ptr", "part_ptr", "inv_t_ptr", "log_q_ptr", "kl_ptr", "g_ptr", "a_ptr")}
     pointers = {"f_ptr": element, **index, **stats}
-    block_k = kernels._block_k(k)
-    rows = {"ROWS": kernels.ROWS, "BLOCK_K": block_k}
-    chunk = {"CHUNK": kernels.CHUNK_ROWS, "BLOCK_K": block_k}
-    common = {"module": "ddfast.ops.cmi.triton", "floats": [], "pointers": pointers, "variant": "", **kernels.LAUNCH}
-    specs = [{**common, "kernel": "_row_norm_kernel", "constexprs": rows},
-             {**common, "kernel": "_chunk_norm_kernel", "constexprs": chunk},
-             {**common, "kernel": "_row_kl_kernel", "constexprs": rows},
-             {**common, "kernel": "_chunk_centroid_grad_kernel", "constexprs": chunk}]
-    specs += [{**common, "kernel": "_combine_kernel", "variant": "lse" if log else "mean", "pointers": {**pointers, "out_ptr": acc},
-               "constexprs": {"LOG": log, "CHUNKS": kernels.COMBINE_CHUNKS, "BLOCK_K": block_k}} for log in (True, False)]
-    specs += [{**common, "kernel": "_row_grad_kernel", "variant": "given a" if has_a else "", "pointers": {**pointers, "out_ptr": element},
-               "constexprs": {**rows, "HAS_A": has_a}} for has_a in (True, False)]
+    config = kernels._config(k, dtype)
+    launch = {"num_warps": config.pop("num_warps"), "num_stages": config.pop("num_stages")}
+    rows = {"ROWS": kernels.ROWS, **config}
+    chunk = {"CHUNK": kernels.CHUNK_ROWS, **config}
+    common = {"module": "ddfast.ops.cmi.triton", "floats": [], "variant": "", **launch}
+
+    def spec(kernel: str, constexprs: dict, variant: str = "", out: str | None = None) -> dict:
+        """Freshly allocated tensors are 16-byte aligned, and ``k`` is specialised when a multiple of 16."""
+        arguments = getattr(kernels, kernel).arg_names
+        used = {name: t for name, t in {**pointers, "out_ptr": out}.items() if name in arguments and t}
+        aligned = [*used, *(["k"] if k % 16 == 0 else [])]
+        return {**common, "kernel": kernel, "variant": variant, "pointers": used, "aligned": aligned, "constexprs": constexprs}
+
+    specs = [spec("_row_norm_kernel", rows), spec("_chunk_norm_kernel", chunk), spec("_row_kl_kernel", rows),
+             spec("_chunk_centroid_grad_kernel", chunk)]
+    specs += [spec("_combine_kernel", {"LOG": log, "CHUNKS": kernels.COMBINE_CHUNKS, "BLOCK_K": config["BLOCK_K"]}, "lse" if log else "mean", acc)
+              for log in (True, False)]
+    specs += [spec("_row_grad_kernel", {**rows, "HAS_A": has_a}, "given a" if has_a else "", element) for has_a in (True, False)]
     return specs
 
 
@@ -99,8 +105,7 @@ def cases(op: str) -> list[tuple[dict, list[dict]]]:
         return [({"dtype": TRITON_DTYPES[dtype] + (" tf32" if tf32 else ""), "size": f"D={d}"}, infonce_specs(d, dtype, tf32))
                 for dtype, tf32 in dtypes for d in INFONCE_D]
     if op == "cmi":
-        return [({"dtype": TRITON_DTYPES[dtype], "size": f"K={k}"}, cmi_specs(k, dtype)) for dtype in (torch.bfloat16, torch.float32, torch.float64)
-                for k in CMI_K]
+        return [({"dtype": TRITON_DTYPES[dtype], "size": f"K={k}"}, cmi_specs(k, dtype)) for dtype in TRITON_DTYPES for k in CMI_K]
     if op == "trajectory_mse":
         from benchmarks.trajectory_mse import MODELS
 

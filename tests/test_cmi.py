@@ -303,17 +303,12 @@ def test_cuda_sources_build():
     _extension.build("cmi_cuda")
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+@pytest.mark.parametrize("dtype", list(static_sm90.TRITON_DTYPES), ids=list(static_sm90.TRITON_DTYPES.values()))
 def test_triton_kernels_compile_for_hopper(dtype):
-    """Every Triton kernel, with the launch options and widest tiles the backend uses, lowers to sm_90
-    code whose shared memory fits a block, without spills, except those that spill at the widest tile
-    (the static sm_90 report in README): the row gradient with given centroids, and in float64 all
-    but the combine kernel."""
+    """Every Triton kernel, with the launch options the backend picks at the report's K and at two
+    narrower column tiles (K = 30, 50), lowers to sm_90 code whose shared memory fits a block, without spills."""
     pytest.importorskip("triton")
-    may_spill = {"_row_grad_kernel (given a)"}
-    if dtype == torch.float64:
-        may_spill |= {"_row_norm_kernel", "_chunk_norm_kernel", "_row_kl_kernel", "_chunk_centroid_grad_kernel", "_row_grad_kernel"}
-    assert_fits_hopper(static_sm90.cmi_specs(1000, dtype), frozenset(may_spill))
+    assert_fits_hopper([spec for k in (*static_sm90.CMI_K, 30, 50) for spec in static_sm90.cmi_specs(k, dtype)])
 
 
 def test_cuda_chunk_size_matches_its_kernel():

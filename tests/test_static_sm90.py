@@ -3,6 +3,7 @@
 import torch
 
 from benchmarks import static_sm90
+from ddfast.ops.cmi import triton as cmi_triton
 from ddfast.ops.infonce.triton import _config
 
 
@@ -12,6 +13,18 @@ def test_infonce_specs_use_the_backend_config():
             config = _config(spec["kernel"].split("_")[1], -(-d // 16) * 16, dtype)
             assert (spec["num_warps"], spec["num_stages"]) == (config.pop("num_warps"), config.pop("num_stages"))
             assert {k: spec["constexprs"][k] for k in config} == config
+
+
+def test_cmi_specs_use_the_backend_config_and_alignment():
+    """Each kernel at ``_config``'s launch; ``k`` counts as 16-divisible exactly when a launch specialises on it."""
+    for k, dtype in [(10, torch.bfloat16), (100, torch.float32), (512, torch.float16), (1000, torch.float64)]:
+        config = cmi_triton._config(k, dtype)
+        for spec in static_sm90.cmi_specs(k, dtype):
+            assert (spec["num_warps"], spec["num_stages"], spec["constexprs"]["BLOCK_K"]) == (
+                config["num_warps"], config["num_stages"], config["BLOCK_K"]), spec["kernel"]
+            assert spec["constexprs"].get("ROWS", cmi_triton.ROWS) == cmi_triton.ROWS
+            assert spec["constexprs"].get("CHUNK", cmi_triton.CHUNK_ROWS) == cmi_triton.CHUNK_ROWS
+            assert ("k" in spec["aligned"]) == (k % 16 == 0) and set(spec["pointers"]) <= set(spec["aligned"])
 
 
 def row(dtype, size, regs, kernel="_lse_kernel", stores=0):

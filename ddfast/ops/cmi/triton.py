@@ -1,9 +1,9 @@
 """Backend ``triton``: the protocol of ``streaming.py`` over the seven kernels of ``csrc/cmi/cmi_ops.h``
 written in Triton (``Kernels``), on CUDA tensors (CPU tensors under ``TRITON_INTERPRET=1``).
 
-Row kernels handle ``ROWS`` rows per program and stream over the columns in tiles of ``BLOCK_K``;
-per-class reductions take one chunk of at most ``CHUNK_ROWS`` rows of one class per program (one
-tile), then a combine kernel reduces each class's chunks in order: deterministic, no atomics.
+Row kernels handle ``ROWS`` rows per program and stream over the columns in tiles of ``BLOCK_K``
+(``_config``); per-class reductions take one chunk of at most ``CHUNK_ROWS`` rows of one class per
+program (one tile), then a combine kernel reduces each class's chunks in order: deterministic, no atomics.
 All arithmetic is in the accumulation dtype (float32, float64 for float64 inputs); the scale
 ``inv_t`` travels as a one-element tensor of that dtype so that float64 keeps full precision.
 Shapes and the normalisers ``norm`` (N, 2) as in ``csrc/cmi/cmi_ops.h``.
@@ -19,10 +19,9 @@ from ..._backends import accumulation_dtype
 from . import compiled
 
 ROWS = 16
-BLOCK_K = 128
-CHUNK_ROWS = 32
+CHUNK_ROWS = ROWS  # the chunk kernels' tile is the row kernels' (see _config)
 COMBINE_CHUNKS = 8
-LAUNCH = {"num_warps": 4, "num_stages": 3}
+BLOCK_K = {torch.float32: 128, torch.float64: 64}  # the widest column tile, by accumulation dtype
 
 
 @triton.jit
@@ -200,8 +199,20 @@ def _contiguous(*tensors: torch.Tensor | None) -> None:
             raise RuntimeError(f"the CMI Triton kernels read contiguous tensors, got shape {tuple(t.shape)} with strides {t.stride()}")
 
 
-def _block_k(k: int) -> int:
-    return min(BLOCK_K, triton.next_power_of_2(k))
+def _config(k: int, dtype: torch.dtype) -> dict:
+    """``{"BLOCK_K", "num_warps", "num_stages"}`` for K = ``k`` columns of ``dtype`` features.
+
+    The kernels are memory bound and do no dots. Where K is no multiple of 16, every element loads on
+    its own, with its own 64-bit address, so a thread's registers grow with the tile values it holds.
+    Every kernel holds a tile of ``ROWS`` (``CHUNK_ROWS``) rows; the widest, 128 columns with float32
+    accumulation or 64 with float64 (the same bytes), runs 8 warps: a thread holds 8 float32 or 4
+    float64 values of it and no kernel spills on sm_90 (4 warps, 128 float64 columns or 32-row chunks
+    spill). Narrower K takes the next power of two and 4 warps, holding no more per thread. The loops'
+    loads are not pipelined: their sm_90 code is the same at 1 and 3 stages.
+    """
+    widest = BLOCK_K[accumulation_dtype(dtype)]
+    block_k = min(widest, triton.next_power_of_2(k))
+    return {"BLOCK_K": block_k, "num_warps": 8 if block_k == widest else 4, "num_stages": 3}
 
 
 def _scale(features: torch.Tensor, inv_t: float) -> torch.Tensor:
@@ -216,9 +227,9 @@ def _combine(partial: torch.Tensor, first: torch.Tensor, counts: torch.Tensor, l
     _contiguous(partial, first, counts)
     k = partial.shape[1]
     out = torch.empty((counts.shape[0], k), dtype=partial.dtype, device=partial.device)
-    block_k = _block_k(k)
-    _combine_kernel[(counts.shape[0], triton.cdiv(k, block_k))](partial, first, counts, out, k, LOG=log,
-                                                                CHUNKS=COMBINE_CHUNKS, BLOCK_K=block_k, **LAUNCH)
+    config = _config(k, partial.dtype)
+    _combine_kernel[(counts.shape[0], triton.cdiv(k, config["BLOCK_K"]))](partial, first, counts, out, k, LOG=log,
+                                                                          CHUNKS=COMBINE_CHUNKS, **config)
     return out
 
 
@@ -231,7 +242,7 @@ class Kernels:
         _contiguous(features)
         n, k = features.shape
         norm = _acc_empty(features, n, 2)
-        _row_norm_kernel[(triton.cdiv(n, ROWS),)](features, norm, _scale(features, inv_t), n, k, ROWS=ROWS, BLOCK_K=_block_k(k), **LAUNCH)
+        _row_norm_kernel[(triton.cdiv(n, ROWS),)](features, norm, _scale(features, inv_t), n, k, ROWS=ROWS, **_config(k, features.dtype))
         return norm
 
     @staticmethod
@@ -240,7 +251,7 @@ class Kernels:
         n, k = features.shape
         norm, partial = _acc_empty(features, n, 2), _acc_empty(features, start.shape[0], k)
         _chunk_norm_kernel[(start.shape[0],)](features, order, start, end, norm, partial, _scale(features, inv_t), k,
-                                              CHUNK=CHUNK_ROWS, BLOCK_K=_block_k(k), **LAUNCH)
+                                              CHUNK=CHUNK_ROWS, **_config(k, features.dtype))
         return norm, partial
 
     @staticmethod
@@ -257,7 +268,7 @@ class Kernels:
         n, k = features.shape
         kl = _acc_empty(features, n)
         _row_kl_kernel[(triton.cdiv(n, ROWS),)](features, labels, norm, log_q, kl, _scale(features, inv_t), n, k,
-                                                ROWS=ROWS, BLOCK_K=_block_k(k), **LAUNCH)
+                                                ROWS=ROWS, **_config(k, features.dtype))
         return kl
 
     @staticmethod
@@ -265,10 +276,9 @@ class Kernels:
         _contiguous(features, order, start, end, cls, norm, log_q, g)
         k = features.shape[1]
         partial = _acc_empty(features, start.shape[0], k)
-        block_k = _block_k(k)
-        _chunk_centroid_grad_kernel[(start.shape[0], triton.cdiv(k, block_k))](
-            features, order, start, end, cls, norm, log_q, g, partial, _scale(features, inv_t), k, CHUNK=CHUNK_ROWS,
-            BLOCK_K=block_k, **LAUNCH)
+        config = _config(k, features.dtype)
+        _chunk_centroid_grad_kernel[(start.shape[0], triton.cdiv(k, config["BLOCK_K"]))](
+            features, order, start, end, cls, norm, log_q, g, partial, _scale(features, inv_t), k, CHUNK=CHUNK_ROWS, **config)
         return partial
 
     @staticmethod
@@ -278,7 +288,7 @@ class Kernels:
         out = torch.empty_like(features)
         _row_grad_kernel[(triton.cdiv(n, ROWS),)](features, labels, norm, log_q, kl, g, kl if a is None else a, out,
                                                   _scale(features, inv_t), n, k, HAS_A=a is not None, ROWS=ROWS,
-                                                  BLOCK_K=_block_k(k), **LAUNCH)
+                                                  **_config(k, features.dtype))
         return out
 
 
