@@ -77,7 +77,7 @@ def regularizers(config: DistillConfig, data: RealData, *, cache_dir: str | os.P
     pools = pretrain(config, data, cache_dir=cache_dir, quiet=quiet)
     regs = []
     if config.cmi is not None:
-        regs.append(CMIRegularizer(pools["cmi"], config.cmi, data.info.num_classes))
+        regs.append(CMIRegularizer(pools["cmi"], config.cmi, data.info.num_classes, data.train))
     if config.mim is not None:
         regs.append(MIMRegularizer(pools["mim"], config.mim, data, seed=config.seed))
     return regs
