@@ -7,7 +7,8 @@ A refresh is ``CMIRegularizer.real_centroids``: the frozen network over the whol
 ``--chunk`` images, without gradients, each batch's softmaxes folded into per-class centroids
 (``ddfast.ops.cmi.ClassCentroids``). The network is the default ConvNet (width 128, depth 3) at its
 seeded initialisation: the time does not depend on its weights. Peak memory is that of the first
-timed refresh above the memory in use before it (``harness.peak_bytes``). Writes
+timed refresh above the memory in use before it (``harness.peak_bytes``); beside the wall-clock time
+the process CPU time (all threads), which a machine shared with other jobs inflates less. Writes
 ``results/<device>-<date>-cmi-centroids.json`` and prints a line per feature space.
 """
 
@@ -16,6 +17,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import os
 import statistics
 import sys
 import time
@@ -47,19 +49,21 @@ def refresh_cost(features: str, train: Split, num_classes: int, chunk: int, repe
         warm.real_centroids(network)  # kernels loaded or built, allocator primed
     except ValueError:
         pass  # a first batch without every class: warmed all the same
-    seconds, columns = [], []
+    seconds, cpu_seconds, columns = [], [], []
 
     def refresh():
-        start = time.perf_counter()
+        start, cpu = time.perf_counter(), time.process_time()
         columns.append(reg.real_centroids(network).shape[1])
         harness.synchronize(device)
         seconds.append(time.perf_counter() - start)
+        cpu_seconds.append(time.process_time() - cpu)
 
     peak = harness.peak_bytes(refresh, device)  # the first timed refresh
     while len(seconds) < repeats:
         refresh()
     return {"features": features, "images": len(train), "columns": columns[0], "chunk": chunk, "repeats": len(seconds),
-            "seconds": statistics.median(seconds), "all_seconds": seconds, "images_per_second": len(train) / statistics.median(seconds),
+            "seconds": statistics.median(seconds), "all_seconds": seconds, "cpu_seconds": statistics.median(cpu_seconds),
+            "images_per_second": len(train) / statistics.median(seconds),
             "peak_mib": None if peak is None else peak / 2**20}
 
 
@@ -89,11 +93,13 @@ def main(argv: list[str] | None = None) -> int:
         rows.append(row)
         peak = "n/a" if row["peak_mib"] is None else f"{row['peak_mib']:.0f} MiB"
         print(f"{features:>6} (K={row['columns']}): {row['seconds']:.2f} s per refresh of {row['images']} images "
-              f"({row['images_per_second']:.0f} images/s), peak {peak} above the start", flush=True)
+              f"({row['images_per_second']:.0f} images/s; {row['cpu_seconds']:.2f} s of process CPU time), peak {peak} above the start",
+              flush=True)
     stem = args.out / f"{machine.slug(device)}-{datetime.date.today().isoformat()}-cmi-centroids"
     args.out.mkdir(parents=True, exist_ok=True)
     doc = {"what": "one refresh of CMI's real-data centroids (default ConvNet over the real training split)", "dataset": data.info.name,
-           "threads": torch.get_num_threads(), "hardware": machine.hardware(device), "software": machine.software(),
+           "threads": torch.get_num_threads(), "load_average": list(os.getloadavg()), "hardware": machine.hardware(device),
+           "software": machine.software(),
            "git": machine.git(Path(__file__).resolve().parents[1]), "created": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
            "results": rows}
     stem.with_suffix(".json").write_text(json.dumps(doc, indent=2) + "\n")

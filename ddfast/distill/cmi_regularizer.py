@@ -8,8 +8,10 @@ on the validation split (``ddfast distill --sweep cmi.weight=...``): the authors
 Centroids: ``batch`` (the authors' choice) takes each class's mean softmax over the synthetic images
 themselves; ``real`` measures the synthetic softmaxes against each class's mean softmax over the real
 training split, in the same network, features and temperature (``ClassCentroids``: one batched pass,
-memory O(C K)). Real centroids are computed for a pool member when it is first drawn, kept, and
-computed again once ``refresh`` iterations have begun since (0: never; the networks are frozen).
+memory O(C K)). Real centroids are computed for a pool member when it is first drawn and kept; with
+``refresh`` = R > 0 they are computed again at its first draw in each new window of R iterations
+[kR, (k + 1)R) (with one network: exactly at iterations 0, R, 2R, ...). R = 0 (the default): never,
+since the pool's networks are frozen and a refresh reproduces the same centroids.
 """
 
 from __future__ import annotations
@@ -35,7 +37,7 @@ class CMIConfig:
     features: str = "embed"  # "embed": penultimate features (the authors' choice); "logits"
     temperature: float = 1.0
     centroids: str = "batch"  # "batch": the synthetic set's own class means (the authors' choice); "real": the training split's
-    refresh: int = 0  # with real centroids: iterations between recomputations of a network's centroids (0: never)
+    refresh: int = 0  # with real centroids: a network's centroids are recomputed every this many iterations (0: never)
     pretrain: PretrainSpec = field(default_factory=PretrainSpec)
 
     def __post_init__(self):
