@@ -8,6 +8,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from loops_support import mnist_root
+
 from benchmarks import case, ops
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -84,3 +86,15 @@ def test_loops_writes_json_and_plot(tmp_path):
     assert set(dm) == {"ddfast", "per-class", "ratio", "settings"} and dm["settings"]["real_per_class"] == 3
     assert all(dm[path]["s_per_iteration"] > 0 for path in ("ddfast", "per-class"))
     assert json_path.with_suffix(".png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_cmi_centroids_writes_json(tmp_path):
+    mnist_root()
+    done = subprocess.run([sys.executable, "benchmarks/cmi_centroids.py", "--device", "cpu", "--limit", "200", "--chunk", "64",
+                           "--out", str(tmp_path)],
+                          cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    [json_path] = tmp_path.glob("*-cmi-centroids.json")
+    rows = json.loads(json_path.read_text())["results"]
+    assert [(r["features"], r["images"], r["columns"]) for r in rows] == [("embed", 200, 128 * 4 * 4), ("logits", 200, 10)]
+    assert all(r["seconds"] > 0 and r["peak_mib"] > 0 for r in rows)

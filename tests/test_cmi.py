@@ -1,4 +1,4 @@
-"""cmi_loss: every backend against the plain-torch reference (float64), numerics, API, errors, compile."""
+"""cmi_loss and ClassCentroids: every backend against the plain-torch reference (float64), numerics, API, errors, compile."""
 
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ import ddfast
 from benchmarks import static_sm90
 from ddfast import _extension
 from ddfast._backends import triton_interpreted
-from ddfast.ops.cmi import REGISTRY, CMILoss, cmi_loss, cmi_per_class, cuda, streaming
+from ddfast.ops.cmi import REGISTRY, ClassCentroids, CMILoss, cmi_loss, cmi_per_class, cuda, streaming
 from ddfast.ops.cmi.reference import cmi_authors, cmi_reference
 from ddfast.ops.cmi.segments import Segments
 
@@ -698,3 +698,66 @@ def test_one_row_or_one_column(name, n, k, given_centroids):
     expected_value, expected_grad = value_and_grad(lambda f: cmi_reference(f, labels, 4, **options), features, weights)
     assert_float64_match((value, grad), (expected_value, expected_grad))
     assert torch.isfinite(value).all() and torch.isfinite(grad).all()
+
+
+def full_batch_centroids(features, labels, classes, temperature):
+    """Each class's mean softmax over all rows at once, in float64."""
+    p = torch.softmax(features.double() / temperature, dim=1)
+    return torch.stack([p[labels == c].mean(dim=0) for c in range(classes)])
+
+
+@pytest.mark.parametrize("name", backends(REGISTRY, reference=True))
+def test_class_centroids_stream_to_the_full_batch_means(name):
+    """Batches of an odd size, wide-ranging features; a class without rows is named until rows of it arrive."""
+    features, labels = batch(203, 13, 6, device=DEVICE, scale=12.0)  # class 5 absent, class 4 one row
+    sums = ClassCentroids(6, temperature=0.7, backend=name)
+    for start in range(0, 203, 17):
+        sums.add(features[start : start + 17], labels[start : start + 17])
+    assert torch.equal(sums.counts, torch.bincount(labels, minlength=6))
+    with pytest.raises(ValueError, match=r"class\(es\) \[5\] have no rows among the 203 added"):
+        sums.centroids()
+    extra, _ = batch(3, 13, 6, device=DEVICE, scale=12.0, seed=4)
+    sums.add(extra, torch.full((3,), 5, device=DEVICE))
+    everything, every_label = torch.cat([features, extra]), torch.cat([labels, torch.full((3,), 5, device=DEVICE)])
+    expected = full_batch_centroids(everything, every_label, 6, 0.7)
+    assert expected.min() < 1e-12  # entries far below the largest: merged in log space, they keep their relative precision
+    got = sums.centroids()
+    assert got.dtype == torch.float64 and got.shape == (6, 13)
+    torch.testing.assert_close(got, expected, rtol=1e-12, atol=0)
+
+
+@pytest.mark.parametrize("name", backends(REGISTRY, torch.float32, reference=True))
+def test_class_centroids_in_float32_err_like_the_float32_reference(name):
+    features, labels = batch(150, 9, 5, dtype=torch.float32, device=DEVICE)
+    labels[-1] = 4
+    sums = ClassCentroids(5, temperature=1.3, backend=name)
+    for start in range(0, 150, 41):
+        sums.add(features[start : start + 41], labels[start : start + 41])
+    exact = full_batch_centroids(features, labels, 5, 1.3)
+    in_float32 = full_batch_centroids(features.float(), labels, 5, 1.3).float().double()
+    own_error = (in_float32 - exact).abs().max().item()
+    got = sums.centroids()
+    assert got.dtype == torch.float32
+    assert (got.double() - exact).abs().max().item() <= max(4 * own_error, 1e-7)
+
+
+@pytest.mark.parametrize(("call", "error", "match"), [
+    (lambda s: s.centroids(), ValueError, "no rows were added"),
+    (lambda s: s.add(torch.randn(4, 6), torch.tensor([0, 1, 2, 3])), ValueError, r"labels must lie in \[0, num_classes\) = \[0, 3\)"),
+    (lambda s: s.add(torch.randn(4, 6), torch.tensor([0, 1, 2])), ValueError, "labels must have shape"),
+    (lambda s: s.add(torch.full((2, 6), float("nan")), torch.tensor([0, 1])), ValueError, "features contains non-finite"),
+    (lambda s: [s.add(torch.randn(2, 6), torch.tensor([0, 1])), s.add(torch.randn(2, 5), torch.tensor([0, 1]))], ValueError,
+     "features must have 6 columns like the rows added before, got 5"),
+])
+def test_class_centroids_refuse_bad_input(call, error, match):
+    with pytest.raises(error, match=match):
+        call(ClassCentroids(3, backend="torch"))
+
+
+@pytest.mark.parametrize(("kwargs", "match"), [
+    (dict(num_classes=0), "num_classes"), (dict(num_classes=3, temperature=0.0), "temperature"),
+    (dict(num_classes=3, backend="numpy"), "backend must be 'auto' or one of"),
+])
+def test_class_centroids_refuse_bad_settings(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        ClassCentroids(**kwargs)

@@ -101,7 +101,7 @@ def regularizers(config: DistillConfig, data: RealData, *, cache_dir: str | os.P
     pools = pretrain(config, data, cache_dir=cache_dir, quiet=quiet or world.distributed, cached_only=world.distributed)
     regs = []
     if config.cmi is not None:
-        regs.append(CMIRegularizer(pools["cmi"], config.cmi, data.info.num_classes, world=world))
+        regs.append(CMIRegularizer(pools["cmi"], config.cmi, data.info.num_classes, data.train, world=world))
     if config.mim is not None:
         regs.append(MIMRegularizer(pools["mim"], config.mim, data, seed=config.seed, world=world))
     return regs

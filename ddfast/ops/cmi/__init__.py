@@ -5,6 +5,7 @@ For features f (N, K) of a frozen network and labels y (N,):
 ``centroids``, held constant), ``KL_i = KL(P_i || Q_{y_i})``; the loss is their mean (the CMI,
 equal to the authors' ``F.kl_div(log Q_y, log_softmax(f), log_target=True, reduction="batchmean")``),
 sum, or the KLs themselves. ``cmi_per_class`` gives each class's mean KL ("class-aware complexity").
+``ClassCentroids`` accumulates centroids over a dataset (e.g. the real training split) batch by batch.
 
 Backends (``backend=``): ``reference`` (plain torch, the naive formula), ``torch`` (log space,
 streamed over rows, any device), ``cpu`` (C++), ``triton`` (GPU; CPU under TRITON_INTERPRET=1) and
@@ -21,6 +22,7 @@ from ... import _checks, _transforms
 from ..._backends import AUTO, accumulation_dtype
 from . import distributed, op, reference
 from .op import REGISTRY
+from .segments import Segments
 
 
 def cmi_loss(features: torch.Tensor, labels: torch.Tensor, num_classes: int | None = None, *, temperature: float = 1.0,
@@ -115,6 +117,60 @@ class CMILoss(nn.Module):
         return f"num_classes={self.num_classes}, temperature={self.temperature}, reduction={self.reduction!r}, backend={self.backend!r}"
 
 
+class ClassCentroids:
+    """Class centroids for ``cmi_loss(..., centroids=)`` over more rows than fit at once (a whole dataset).
+
+    ``add(features, labels)`` folds in a batch of rows (no gradient); ``centroids()`` is then (C, K)
+    with ``Q_c`` = the mean of ``softmax(f_i / temperature)`` over every row added with label c, in
+    the accumulation dtype (float32, float64 for float64 features). Memory O(C K) whatever the number
+    of rows: each batch's class means come from the backend's fused per-class reduction in log space
+    and are merged by a count-weighted log-sum-exp. ``counts`` (C,) int64: rows added per class.
+    """
+
+    def __init__(self, num_classes: int, *, temperature: float = 1.0, backend: str = AUTO):
+        self.num_classes = _checks.positive_int("num_classes", num_classes)
+        self.temperature = _temperature(temperature, torch.float64)
+        self.backend = REGISTRY.check_name(backend)
+        self.counts: torch.Tensor | None = None
+        self._log_sums: torch.Tensor | None = None  # (C, K): log of each class's sum of softmax rows
+
+    def add(self, features: torch.Tensor, labels: torch.Tensor) -> None:
+        """features (N, K) float (finite), labels (N,) integers in [0, num_classes); arguments as ``cmi_loss``."""
+        features, labels, _, classes, temperature = _validated(features.detach(), labels, self.num_classes, self.temperature, None)
+        if self._log_sums is not None:
+            _checks.same_device(self._log_sums.device, features=features)
+            if features.shape[1] != self._log_sums.shape[1]:
+                raise ValueError(f"features must have {self._log_sums.shape[1]} columns like the rows added before, got {features.shape[1]}")
+        op.check_values(labels, classes, None)
+        with torch.no_grad():
+            if self.backend == "reference":
+                log_p = torch.log_softmax((features - features.amax(dim=1, keepdim=True)) / temperature, dim=1)
+                batch = log_p.new_zeros(classes, features.shape[1]).index_add_(0, labels, log_p.exp()).log()
+                _checks.finite("features", log_p[:, :1])
+                counts = torch.bincount(labels, minlength=classes)
+            else:
+                features, labels, _ = op.kernel_layout(features, labels)
+                segments = Segments(labels, classes)
+                norm, log_q = REGISTRY.kernels(self.backend, features).class_log_centroids(features, segments, temperature)
+                _checks.finite("features", norm[:, 1])
+                counts = segments.counts
+                batch = log_q + counts.to(log_q.dtype).log()[:, None]
+            batch = batch.to(accumulation_dtype(features.dtype))
+            if self._log_sums is None:
+                self.counts, self._log_sums = counts, batch
+            else:
+                self.counts, self._log_sums = self.counts + counts, torch.logaddexp(self._log_sums, batch.to(self._log_sums.dtype))
+
+    def centroids(self) -> torch.Tensor:
+        """(C, K) probability rows; a ``ValueError`` names the classes without any row (undefined centroids)."""
+        if self.counts is None:
+            raise ValueError("no rows were added: the centroids are undefined")
+        missing = (self.counts == 0).nonzero().flatten().tolist()
+        if missing:
+            raise ValueError(f"class(es) {missing} have no rows among the {int(self.counts.sum())} added: their centroids are undefined")
+        return (self._log_sums - self.counts.to(self._log_sums.dtype).log()[:, None]).exp()
+
+
 def _validated(features, labels, num_classes, temperature, centroids):
     """Metadata checks with messages naming the argument; labels come back as int64, centroids
     detached, num_classes as an int and temperature as a float."""
@@ -156,4 +212,4 @@ def _temperature(value, dtype: torch.dtype) -> float:
     return temperature
 
 
-__all__ = ["CMILoss", "REGISTRY", "cmi_loss", "cmi_per_class"]
+__all__ = ["CMILoss", "ClassCentroids", "REGISTRY", "cmi_loss", "cmi_per_class"]
