@@ -206,7 +206,7 @@ def main(argv: list[str] | None = None) -> int:
     doc["hardware"]["load_average_end"] = os.getloadavg()
     print("measuring cold first calls and warm calls against the reference ...", file=sys.stderr)
     doc["cold_start"] = {name: cold_start.measure(name, device) for name in op_names}
-    print("measuring distillation iterations: ddfast's path against one pass per class and side ...", file=sys.stderr)
+    print("measuring distillation iterations: batched over classes against one pass per class and side ...", file=sys.stderr)
     doc["loops"] = loops.measure(device, **LOOP_SIZES[args.preset])
     print(loops.table(doc["loops"]), file=sys.stderr)
     if "infonce" in op_names:  # from the formulas of benchmarks/distributed.py, which also checks them against the counter

@@ -37,7 +37,7 @@ def test_run_writes_table_json_csv_and_plots(tmp_path):
     assert {(row["M"], row["R"]) for row in doc["distributed_bytes"]} == {(50_000, 2), (50_000, 8), (1_000_000, 2), (1_000_000, 8)}
     assert doc["git"]["commit"] and doc["software"]["torch"] and doc["hardware"]["cpu_count"]
     dm = doc["loops"]["dm"]
-    assert dm["ddfast"]["s_per_iteration"] > 0 and dm["per-class"]["s_per_iteration"] > 0 and dm["ratio"] > 0
+    assert dm["batched"]["s_per_iteration"] > 0 and dm["per-class"]["s_per_iteration"] > 0 and dm["ratio"] > 0
     with json_path.with_suffix(".csv").open() as f:
         assert [(row["op"], row["impl"]) for row in csv.DictReader(f)] == expected
     for op in ops.OPS:
@@ -80,11 +80,11 @@ def test_loops_writes_json_and_plot(tmp_path):
     done = subprocess.run([sys.executable, "benchmarks/loops.py", "--device", "cpu", "--ipc", "1", "--real", "3", "--out", str(tmp_path)],
                           cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
-    assert "dm     ratio (ddfast / per-class)" in done.stdout
+    assert "dm     ratio (batched / per-class)" in done.stdout and "default here: per-class" in done.stdout
     [json_path] = tmp_path.glob("*-loops.json")
     dm = json.loads(json_path.read_text())["loops"]["dm"]
-    assert set(dm) == {"ddfast", "per-class", "ratio", "settings"} and dm["settings"]["real_per_class"] == 3
-    assert all(dm[path]["s_per_iteration"] > 0 for path in ("ddfast", "per-class"))
+    assert set(dm) == {"batched", "per-class", "ratio", "default", "settings"} and dm["settings"]["real_per_class"] == 3
+    assert all(dm[path]["s_per_iteration"] > 0 for path in ("batched", "per-class"))
     assert json_path.with_suffix(".png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 

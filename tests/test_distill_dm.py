@@ -27,7 +27,7 @@ def test_batched_classes_equal_one_pass_per_class_and_side(norm, monkeypatch):
     images = torch.randn(sum(ipc), 1, 28, 28, dtype=torch.float64, requires_grad=True)
     syns = list(images.split(ipc))
     assert samples_independent(network)
-    batched = class_mean_distances(network, reals, syns)
+    batched = class_mean_distances(network, reals, syns, batched=True)
     (batched_grad,) = torch.autograd.grad(batched, images)
     per_class = class_mean_distances(network, reals, syns, batched=False)
     (per_class_grad,) = torch.autograd.grad(per_class, images)

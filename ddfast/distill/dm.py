@@ -6,10 +6,11 @@ the real and the synthetic batch of a class), plus the regularisers when configu
 torchrun each process computes the classes c with c % WORLD_SIZE == RANK and the gradients are summed
 (the regularisers split their own work: ``cmi_regularizer``, ``mim_regularizer``).
 
-Where the network treats samples independently (instance norm or none, not batch norm), all classes'
-real batches go through it in a few large forward passes and all synthetic images in one, with
-per-class means taken afterwards: the same loss and gradients as one pass per class and side (to
-rounding), at a fraction of the time on small per-class batches.
+On CUDA, where the network treats samples independently (instance norm or none, not batch norm),
+all classes' real batches go through it in a few large forward passes and all synthetic images in
+one, with per-class means taken afterwards: the same loss and gradients as one pass per class and
+side (to rounding), in a few kernel launches instead of many small ones. On the CPU the per-class
+passes are as fast or faster (``benchmarks/loops.py``), so they stay the default there.
 """
 
 from __future__ import annotations
@@ -38,12 +39,12 @@ def class_mean_distances(network: nn.Module, reals: list[torch.Tensor], syns: li
     """sum over classes c of ``mean_embedding_distance(embed(reals[c]), embed(syns[c]))``, a scalar.
 
     ``reals[c]`` (N_c, C, H, W) and ``syns[c]`` (M_c, C, H, W) are class c's batches; the real side runs
-    without gradients. ``batched`` (default: when ``samples_independent(network)``) runs the real
-    batches in forward passes of whole classes up to ``REAL_CHUNK`` images and the synthetic ones in
-    one; otherwise one pass per class and side, as the reference code does.
+    without gradients. ``batched`` (default: on CUDA when ``samples_independent(network)``) runs the
+    real batches in forward passes of whole classes up to ``REAL_CHUNK`` images and the synthetic ones
+    in one; otherwise one pass per class and side, as the reference code does.
     """
     if batched is None:
-        batched = samples_independent(network)
+        batched = syns[0].is_cuda and samples_independent(network)
     if not batched:
         total = torch.zeros((), device=syns[0].device)
         for real, syn in zip(reals, syns):
