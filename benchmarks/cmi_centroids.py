@@ -70,7 +70,7 @@ def refresh_cost(features: str, train: Split, num_classes: int, chunk: int, repe
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--dataset", default="mnist")
-    p.add_argument("--data-root", help="data root (default: $DDFAST_DATA_ROOT, else ../shared/data beside the checkout)")
+    p.add_argument("--data-root", help="data root (default: $DDFAST_DATA_ROOT, else ~/.cache/ddfast/data)")
     p.add_argument("--features", nargs="+", choices=FEATURES, default=list(FEATURES), help="feature spaces (default: both)")
     p.add_argument("--chunk", type=int, default=1024, help="images per batch of the pass (default 1024, the regulariser's)")
     p.add_argument("--repeats", type=int, default=1, help="timed refreshes per feature space (default 1)")

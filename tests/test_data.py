@@ -11,9 +11,8 @@ def test_data_root_precedence(monkeypatch, tmp_path):
     assert data.data_root(tmp_path / "flag") == tmp_path / "flag"
     assert data.data_root() == tmp_path / "env"
     monkeypatch.delenv(data.ROOT_ENV)
-    monkeypatch.setattr(data, "CHECKOUT_DATA", tmp_path / "absent")
-    with pytest.raises(FileNotFoundError, match="absent"):
-        data.data_root()
+    monkeypatch.setenv("DDFAST_CACHE_DIR", str(tmp_path / "cache"))
+    assert data.data_root() == tmp_path / "cache" / "data"  # a user's cache folder, never the checkout's neighbours
 
 
 def test_missing_dataset_names_where_it_looked(tmp_path):

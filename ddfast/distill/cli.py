@@ -50,7 +50,7 @@ def _parser() -> argparse.ArgumentParser:
 
     def run_options(p: argparse.ArgumentParser) -> None:
         p.add_argument("--device", help="torch device (default: cuda when available, else cpu)")
-        p.add_argument("--data-root", help="folder holding the datasets (default: $DDFAST_DATA_ROOT, else ../shared/data)")
+        p.add_argument("--data-root", help="folder holding the datasets (default: $DDFAST_DATA_ROOT, else ~/.cache/ddfast/data)")
         p.add_argument("--download", action="store_true", help="download the dataset if it is missing")
         p.add_argument("--cache-dir", help="cache of decoded image folders, pre-trained networks and expert buffers "
                                            "(default: $DDFAST_CACHE_DIR, else ~/.cache/ddfast)")

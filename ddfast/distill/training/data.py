@@ -4,8 +4,8 @@
 carved from the training set (stratified, seeded), so every selection (checkpoints, learning rates,
 regulariser weights) is made without looking at the test set.
 
-The data root is ``root`` when given, else ``$DDFAST_DATA_ROOT``, else ``../shared/data`` beside
-the source checkout when that folder exists.
+The data root is ``root`` when given, else ``$DDFAST_DATA_ROOT``, else ``data/`` in ddfast's cache
+folder (``~/.cache/ddfast/data``, see ``ddfast._cache``), where ``download=True`` fetches torchvision's datasets.
 
 Besides torchvision's datasets, trees of image files (``folders``): Tiny-ImageNet
 (``<root>/tiny-imagenet-200``), the ImageNet subsets ``imagenette`` and ``imagewoof``
@@ -24,11 +24,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..._cache import cache_dir
 from . import folders
 from .zca import ZCA
 
 ROOT_ENV = "DDFAST_DATA_ROOT"
-CHECKOUT_DATA = Path(__file__).resolve().parents[4] / "shared" / "data"  # ../shared/data beside the checkout
 
 
 @dataclass(frozen=True)
@@ -160,14 +160,12 @@ def _folder_info(name: str) -> DatasetInfo:
 
 
 def data_root(root: str | os.PathLike | None = None) -> Path:
-    """The folder holding the datasets: ``root``, else ``$DDFAST_DATA_ROOT``, else ../shared/data."""
+    """The folder holding the datasets: ``root``, else ``$DDFAST_DATA_ROOT``, else ``<cache>/data``."""
     if root is not None:
         return Path(root)
     if os.environ.get(ROOT_ENV):
         return Path(os.environ[ROOT_ENV])
-    if CHECKOUT_DATA.is_dir():
-        return CHECKOUT_DATA
-    raise FileNotFoundError(f"no data root: pass --data-root / root=, or set ${ROOT_ENV} (also looked for {CHECKOUT_DATA})")
+    return cache_dir() / "data"
 
 
 def load(
