@@ -25,7 +25,7 @@ if __package__ in (None, ""):  # run as ``python benchmarks/loops.py``: import f
 import torch
 
 from benchmarks import device as machine
-from benchmarks import harness
+from benchmarks import harness, report
 from ddfast.distill.dm import class_mean_distances
 from ddfast.distill.training.augment import DSA
 from ddfast.distill.training.models import ConvNet
@@ -109,22 +109,13 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _plot(loops: dict, path: Path, hardware: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(5, 3.5))
-    methods = list(loops)
-    width = 0.8 / len(PATHS)
-    for i, name in enumerate(PATHS):
-        ax.bar([m + i * width for m in range(len(methods))], [loops[m][name]["s_per_iteration"] for m in methods], width, label=name)
-    ax.set_xticks([m + width * (len(PATHS) - 1) / 2 for m in range(len(methods))], methods)
-    ax.set(ylabel="seconds per iteration", title=f"distillation iterations\n{hardware}")
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    methods, width = list(loops), 0.8 / len(PATHS)
+    with report.figure(path) as ax:
+        for i, name in enumerate(PATHS):
+            ax.bar([m + i * width for m in range(len(methods))], [loops[m][name]["s_per_iteration"] for m in methods], width, label=name)
+        ax.set_xticks([m + width * (len(PATHS) - 1) / 2 for m in range(len(methods))], methods)
+        ax.set(ylabel="seconds per iteration", title=f"distillation iterations\n{hardware}")
+        ax.legend()
 
 
 if __name__ == "__main__":

@@ -6,6 +6,7 @@ and ``results``, one dict per case as ``benchmarks.case`` returns it plus its th
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import json
 from pathlib import Path
@@ -155,6 +156,23 @@ def write_csv(doc: dict, path: Path) -> None:
             for phase in ops.PHASES:
                 row.update({f"{phase}_{k}": v for k, v in r.get(phase, {}).items()})
             writer.writerow(row)
+
+
+@contextlib.contextmanager
+def figure(path: Path, figsize: tuple[float, float] = (5, 3.5)):
+    """A matplotlib figure and axes (Agg backend) to draw on; laid out, saved to ``path`` and closed on exit."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=figsize)
+    try:
+        yield ax
+        fig.tight_layout()
+        fig.savefig(path, dpi=120)
+    finally:
+        plt.close(fig)
 
 
 def plot(doc: dict, op_name: str, axis: str, path_stem: Path) -> list[Path]:

@@ -25,7 +25,7 @@ if __package__ in (None, ""):  # run as ``python benchmarks/unroll_memory.py``: 
 import torch
 
 from benchmarks import device as machine
-from benchmarks import harness
+from benchmarks import harness, report
 from ddfast import trajectory_mse
 from ddfast.distill.training.augment import DSA
 from ddfast.distill.training.models import ConvNet
@@ -109,22 +109,13 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _plot(rows: list[dict], path: Path, hardware: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(5, 3.5))
-    for mode in MODES:
-        points = [(r["syn_steps"], r["peak_mib"]) for r in rows if r["mode"] == mode and r["peak_mib"] is not None]
-        if points:
-            ax.plot(*zip(*points), marker="o", label=mode)
-    ax.set(xlabel="syn_steps", ylabel="peak memory (MiB)", title=f"MTT iteration memory\n{hardware}", ylim=(0, None))
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-
+    with report.figure(path) as ax:
+        for mode in MODES:
+            points = [(r["syn_steps"], r["peak_mib"]) for r in rows if r["mode"] == mode and r["peak_mib"] is not None]
+            if points:
+                ax.plot(*zip(*points), marker="o", label=mode)
+        ax.set(xlabel="syn_steps", ylabel="peak memory (MiB)", title=f"MTT iteration memory\n{hardware}", ylim=(0, None))
+        ax.legend()
 
 if __name__ == "__main__":
     sys.exit(main())
