@@ -83,6 +83,7 @@ class World:
                               f"({_first_line(exc)}); start every rank with torchrun") from None
         try:
             yield
+            self.barrier("finishing")  # all leave together: none tears its connections down while another still uses them
         finally:
             dist.destroy_process_group()
 
