@@ -16,9 +16,9 @@ from ddfast.distill.unroll import Student
 CPU = torch.device("cpu")
 
 
-def network(seed: int, dtype=torch.float64) -> nn.Module:
+def network(seed: int, dtype=torch.float64, width: int = 8) -> nn.Module:
     torch.manual_seed(seed)
-    return ConvNet(1, 3, 28, width=8).to(dtype)
+    return ConvNet(1, 3, 28, width=width).to(dtype)
 
 
 def class_batches(sizes, seed: int, dtype=torch.float64):
@@ -108,11 +108,22 @@ def test_a_failing_compiler_warns_and_runs_eagerly(monkeypatch):
         raise RuntimeError("no C++ compiler found")
 
     monkeypatch.setattr(nn.Module, "compile", fails)
-    net = network(0).requires_grad_(False)
+    net = network(0, width=5).requires_grad_(False)  # an architecture not compiled before in this process
     fast = FastNetwork(net, SpeedConfig(), CPU)
     with pytest.warns(RuntimeWarning, match="torch.compile of the network failed .*no C\\+\\+ compiler found.*speed.compile=false"):
         got = dm_loss_and_grad(net, fast)
     torch.testing.assert_close(got[0], dm_loss_and_grad(net, None)[0], rtol=1e-12, atol=0)
+
+
+def test_architectures_with_equal_parameter_shapes_get_their_own_programs():
+    # 28 px and 32 px ConvNets have the same parameter shapes; the first pads by 3, the second by 1
+    small, large = ConvNet(1, 3, 28, width=4).double(), ConvNet(1, 3, 32, width=4).double()
+    large.load_state_dict(small.state_dict())
+    fast = FastNetwork(small, SpeedConfig(), CPU)
+    x = torch.randn(2, 1, 28, 28, dtype=torch.float64)
+    torch.testing.assert_close(fast.forward(small, x), small(x), rtol=1e-12, atol=1e-14)
+    x = torch.randn(2, 1, 32, 32, dtype=torch.float64)
+    torch.testing.assert_close(FastNetwork(large, SpeedConfig(), CPU).forward(large, x), large(x), rtol=1e-12, atol=1e-14)
 
 
 def test_unknown_precision_is_refused_by_name():

@@ -10,7 +10,9 @@ On CUDA, where the network treats samples independently (instance norm or none, 
 all classes' real batches go through it in a few large forward passes and all synthetic images in
 one, with per-class means taken afterwards: the same loss and gradients as one pass per class and
 side (to rounding), in a few kernel launches instead of many small ones. On the CPU the per-class
-passes are as fast or faster (``benchmarks/loops.py``), so they stay the default there.
+passes are faster (a class's feature maps stay in cache), so they stay the default there. Either way
+the embeddings run under the run's ``speed`` settings (``training.speed``: compiled, channels-last on
+the CPU; ``benchmarks/loops.py`` measures each path).
 """
 
 from __future__ import annotations

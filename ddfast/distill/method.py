@@ -154,6 +154,11 @@ class Method:
             self._fast = FastNetwork(network, self.ctx.config.speed, self.ctx.synthetic.images.device)
         return self._fast
 
+    @property
+    def compile_seconds(self) -> float:
+        """Seconds this process spent in first calls of compiled network programs (compilation, mostly)."""
+        return 0.0 if self._fast is None else self._fast.compile_seconds
+
     @classmethod
     def read_options(cls, options) -> Any:
         """The method's Options from a config value: an instance, a dict of settings, or None (defaults)."""

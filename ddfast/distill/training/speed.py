@@ -7,7 +7,7 @@ each iteration), so that one compiled program serves every iteration:
 - ``channels_last``: images and feature maps in NHWC order, oneDNN's native layout for convolutions
   on the CPU (default there; on CUDA, cuDNN picks its own).
 - ``compile``: ``torch.compile`` of the calls whose gradients are first order (DM's embeddings, the
-  real side of gradient matching); calls differentiated twice (``create_graph``) run eagerly, as
+  real side of gradient matching, its networks' training steps); calls differentiated twice (``create_graph``) run eagerly, as
   torch.compile does not support double backward. Each input shape compiles once (seconds on a
   CPU: ``compile_seconds``); if compiling fails, a warning names why and the calls run eagerly.
 - ``precision``: ``float32`` (default), or ``bfloat16`` autocast of the network calls (opt-in: values
@@ -62,7 +62,6 @@ class FastNetwork:
     def __init__(self, template: nn.Module, speed: SpeedConfig, device: torch.device):
         self.speed = speed
         self._modules = {"forward": (template, ""), "embed": (_Embedding(template), "net.")}
-        self._compiled_modules: dict[str, nn.Module] = {}  # compiled copies (parameters are swapped in eagerly: no recompiles)
         self.device = torch.device(device)
         self.compile_seconds = 0.0  # time of the first call of each input shape (compilation, mostly)
         self._failed: str | None = None
@@ -101,11 +100,7 @@ class FastNetwork:
         key = (name, tuple(x.shape), x.stride(), x.dtype, torch.is_grad_enabled(), x.requires_grad)
         start = time.perf_counter()
         try:
-            if name not in self._compiled_modules:
-                compiled = copy.deepcopy(module)
-                compiled.compile(dynamic=False)
-                self._compiled_modules[name] = compiled
-            out = _apply(self._compiled_modules[name], state, x)
+            out = _apply(_compiled_copy(module, state), state, x)
         except Exception as error:  # a compiler missing or failing: the eager call computes the same values
             self._failed = f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"
             warnings.warn(f"torch.compile of the network failed ({self._failed}); running it eagerly (speed.compile=false "
@@ -115,6 +110,20 @@ class FastNetwork:
             self._seen.add(key)
             self.compile_seconds += time.perf_counter() - start
         return out
+
+
+_COMPILED: dict[tuple, nn.Module] = {}  # per architecture, for the whole process (a sweep's runs share the programs)
+
+
+def _compiled_copy(module: nn.Module, state: dict[str, torch.Tensor]) -> nn.Module:
+    """A compiled copy of ``module``, one per architecture (its layers' settings) and parameter layout; parameters are swapped
+    in by ``functional_call`` outside the compiled region, so new values never recompile."""
+    key = (type(module), repr(module), *((name, t.shape, t.dtype, t.device) for name, t in state.items()))  # repr: padding, norms
+    if key not in _COMPILED:
+        compiled = copy.deepcopy(module)
+        compiled.compile(dynamic=False)
+        _COMPILED[key] = compiled
+    return _COMPILED[key]
 
 
 def _state(network: nn.Module) -> dict[str, torch.Tensor]:
