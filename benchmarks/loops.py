@@ -104,7 +104,7 @@ def dsa_iteration(device: torch.device, speed: SpeedConfig | None, *, ipc: int, 
             optimizer.step()
             if outer == 0:
                 train_network(network, images.detach(), labels, epochs=5, lr=0.01, momentum=0.0, weight_decay=0.0, dsa=dsa,
-                              decay_at_half=False, forward=None if fast is None else (lambda x: fast.forward(network, x)))
+                              decay_at_half=False)
 
     return iteration
 

@@ -128,8 +128,7 @@ class GradientMatching(Method):
                 totals[key] = totals.get(key, 0.0) + value / options.outer_loop
             if outer < options.outer_loop - 1 and options.inner_loop:
                 train_network(network, syn.images.detach(), syn.labels, epochs=options.inner_loop, lr=options.net_lr,
-                              batch_size=options.train_batch, momentum=0.0, weight_decay=0.0, dsa=self.dsa, decay_at_half=False,
-                              forward=lambda x: self.fast(network).forward(network, x))
+                              batch_size=options.train_batch, momentum=0.0, weight_decay=0.0, dsa=self.dsa, decay_at_half=False)
         return totals
 
 

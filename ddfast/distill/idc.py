@@ -170,7 +170,7 @@ class IDC(Method):
         train = self.ctx.data.train
         index = torch.randperm(len(train))[: self.options.net_samples].to(train.labels.device)
         train_epoch(self.network, self.net_optimizer, train.images[index], train.labels[index], batch_size=self.options.net_batch,
-                    dsa=self.net_dsa, forward=lambda x: self.fast(self.network).forward(self.network, x))
+                    dsa=self.net_dsa)
 
     def _fresh_network(self) -> None:
         options = self.options

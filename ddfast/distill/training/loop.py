@@ -30,28 +30,25 @@ def train_network(
     dsa: DSA | None = None,
     decay_at_half: bool = True,
     on_epoch: Callable[[int, nn.Module], None] | None = None,
-    forward: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> nn.Module:
     """SGD on (images (N, C, H, W), labels (N,)) in shuffled batches; lr x0.1 after half the epochs.
 
-    ``on_epoch(epoch, model)`` is called after each epoch (snapshots, logging). ``forward`` computes
-    ``model``'s logits (default ``model``; e.g. a compiled call with its parameters). Uses the global RNG.
+    ``on_epoch(epoch, model)`` is called after each epoch (snapshots, logging). Uses the global RNG.
     """
     optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum, weight_decay=weight_decay)
     for epoch in range(epochs):
         if decay_at_half and epoch == epochs // 2 and epoch > 0:
             for group in optimizer.param_groups:
                 group["lr"] = lr * 0.1
-        train_epoch(model, optimizer, images, labels, batch_size=batch_size, dsa=dsa, forward=forward)
+        train_epoch(model, optimizer, images, labels, batch_size=batch_size, dsa=dsa)
         if on_epoch is not None:
             on_epoch(epoch, model)
     return model
 
 
 def train_epoch(model: nn.Module, optimizer: torch.optim.Optimizer, images: torch.Tensor, labels: torch.Tensor, *, batch_size: int,
-                dsa: DSA | None = None, forward: Callable[[torch.Tensor], torch.Tensor] | None = None) -> None:
-    """One pass over (images, labels) in shuffled batches (global RNG), each augmented by ``dsa`` when given;
-    ``forward`` as in ``train_network``."""
+                dsa: DSA | None = None) -> None:
+    """One pass over (images, labels) in shuffled batches (global RNG), each augmented by ``dsa`` when given."""
     model.train()
     order = torch.randperm(len(labels)).to(labels.device)
     for start in range(0, len(labels), batch_size):
@@ -59,7 +56,7 @@ def train_epoch(model: nn.Module, optimizer: torch.optim.Optimizer, images: torc
         x = images[batch]
         if dsa is not None:
             x = dsa(x)
-        loss = F.cross_entropy((forward or model)(x), labels[batch])
+        loss = F.cross_entropy(model(x), labels[batch])
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
