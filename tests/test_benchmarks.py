@@ -36,8 +36,10 @@ def test_run_writes_table_json_csv_and_plots(tmp_path):
         assert r["forward_backward"]["throughput"] > 0
     assert {(row["M"], row["R"]) for row in doc["distributed_bytes"]} == {(50_000, 2), (50_000, 8), (1_000_000, 2), (1_000_000, 8)}
     assert doc["git"]["commit"] and doc["software"]["torch"] and doc["hardware"]["cpu_count"]
-    dm = doc["loops"]["dm"]
-    assert dm["batched"]["s_per_iteration"] > 0 and dm["per-class"]["s_per_iteration"] > 0 and dm["ratio"] > 0
+    assert set(doc["loops"]) == {"dm", "dsa", "mtt", "bptt"}
+    for entry in doc["loops"].values():
+        assert all(entry[path]["s_per_iteration"] > 0 for path in ("reference", "ddfast", "bfloat16"))
+        assert set(entry["ratio"]) == {"ddfast", "bfloat16"} and all(r > 0 for r in entry["ratio"].values())
     with json_path.with_suffix(".csv").open() as f:
         assert [(row["op"], row["impl"]) for row in csv.DictReader(f)] == expected
     for op in ops.OPS:
@@ -77,14 +79,17 @@ def test_unroll_memory_writes_json_and_plot(tmp_path):
 
 
 def test_loops_writes_json_and_plot(tmp_path):
-    done = subprocess.run([sys.executable, "benchmarks/loops.py", "--device", "cpu", "--ipc", "1", "--real", "3", "--out", str(tmp_path)],
-                          cwd=ROOT, capture_output=True, text=True, timeout=300)
+    done = subprocess.run([sys.executable, "benchmarks/loops.py", "--device", "cpu", "--ipc", "1", "--real", "3", "--steps", "1",
+                           "--methods", "dm", "mtt", "--out", str(tmp_path)],
+                          cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr
-    assert "dm     ratio (batched / per-class)" in done.stdout and "default here: per-class" in done.stdout
+    assert "mtt    bfloat16" in done.stdout and "x reference" in done.stdout
     [json_path] = tmp_path.glob("*-loops.json")
-    dm = json.loads(json_path.read_text())["loops"]["dm"]
-    assert set(dm) == {"batched", "per-class", "ratio", "default", "settings"} and dm["settings"]["real_per_class"] == 3
-    assert all(dm[path]["s_per_iteration"] > 0 for path in ("batched", "per-class"))
+    loops = json.loads(json_path.read_text())["loops"]
+    assert set(loops) == {"dm", "mtt"} and loops["dm"]["settings"]["real_per_class"] == 3
+    for entry in loops.values():
+        assert set(entry) == {"reference", "ddfast", "bfloat16", "ratio", "settings"}
+        assert all(entry[path]["s_per_iteration"] > 0 and entry[path]["first_iteration_s"] > 0 for path in ("reference", "ddfast", "bfloat16"))
     assert json_path.with_suffix(".png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 

@@ -11,6 +11,7 @@ from .settings import COUNT, MOMENTUM, NON_NEGATIVE_INT, OPTIONAL_COUNT, POSITIV
 from .training.augment import PAIRINGS
 from .training.evaluate import EvalProtocol
 from .training.models import ModelSpec
+from .training.speed import SpeedConfig
 
 INITS = ("real", "noise")
 
@@ -34,6 +35,7 @@ class DistillConfig:
     cmi: CMIConfig | None = None  # the CMI regulariser, off when None
     mim: MIMConfig | None = None  # the MIM4DD regulariser, off when None
     evaluation: EvalProtocol = field(default_factory=EvalProtocol)
+    speed: SpeedConfig = field(default_factory=SpeedConfig)  # how the loops run their networks (layout, compilation, precision)
     select_every: int = 0  # validate the synthetic set every this many iterations (0: only at the end)
     select_models: int = 1  # networks per validation of a candidate set
     checkpoint_every: int = 100

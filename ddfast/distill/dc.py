@@ -18,6 +18,7 @@ from torch import nn
 from .method import Method, register
 from .settings import COUNT, NON_NEGATIVE_INT, POSITIVE, check
 from .training.loop import train_network
+from .training.speed import FastNetwork
 
 # (outer_loop, inner_loop) of the reference code per IPC
 UPSTREAM_LOOPS = {1: (1, 1), 10: (10, 50), 50: (50, 10)}
@@ -62,18 +63,24 @@ def gradient_distance(syn_grads: Sequence[torch.Tensor], real_grads: Sequence[to
 
 
 def matching_loss(network: nn.Module, real: Sequence[torch.Tensor], syn: Sequence[torch.Tensor], *, metric: str = "cos",
-                  params: Sequence[torch.Tensor] | None = None) -> torch.Tensor:
+                  params: Sequence[torch.Tensor] | None = None, fast: FastNetwork | None = None) -> torch.Tensor:
     """Gradient-matching loss summed over classes; ``real[c]`` and ``syn[c]`` are images of class c.
 
     Matches the gradients of ``params`` (default: every trainable parameter) with ``gradient_distance``'s
     ``metric``. Differentiable with respect to the synthetic images (the real gradients are constants).
+    ``fast`` runs the network under a run's speed settings: the real side's first-order gradients
+    compiled, the synthetic side (differentiated twice) eagerly.
     """
     params = [p for p in network.parameters() if p.requires_grad] if params is None else list(params)
+
+    def logits(x: torch.Tensor, compiled: bool) -> torch.Tensor:
+        return network(x) if fast is None else fast.forward(network, x, compiled=compiled)
+
     total = None
     for c, (real_c, syn_c) in enumerate(zip(real, syn, strict=True)):
-        real_loss = F.cross_entropy(network(real_c), torch.full((len(real_c),), c, device=real_c.device))
+        real_loss = F.cross_entropy(logits(real_c, True), torch.full((len(real_c),), c, device=real_c.device))
         real_grads = [g.detach() for g in torch.autograd.grad(real_loss, params)]
-        syn_loss = F.cross_entropy(network(syn_c), torch.full((len(syn_c),), c, device=syn_c.device))
+        syn_loss = F.cross_entropy(logits(syn_c, False), torch.full((len(syn_c),), c, device=syn_c.device))
         syn_grads = torch.autograd.grad(syn_loss, params, create_graph=True)
         distance = gradient_distance(syn_grads, real_grads, metric=metric)
         total = distance if total is None else total + distance
@@ -113,7 +120,7 @@ class GradientMatching(Method):
                     real_c, syn_c = self.dsa.match(real_c, syn_c)
                 real.append(real_c)
                 fake.append(syn_c)
-            match = matching_loss(network, real, fake)
+            match = matching_loss(network, real, fake, fast=self.fast(network))
             reg, logs = self.regularize(iteration)
             loss = match + reg
             self.update_images(loss)

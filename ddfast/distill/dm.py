@@ -10,7 +10,9 @@ On CUDA, where the network treats samples independently (instance norm or none, 
 all classes' real batches go through it in a few large forward passes and all synthetic images in
 one, with per-class means taken afterwards: the same loss and gradients as one pass per class and
 side (to rounding), in a few kernel launches instead of many small ones. On the CPU the per-class
-passes are as fast or faster (``benchmarks/loops.py``), so they stay the default there.
+passes are faster (a class's feature maps stay in cache), so they stay the default there. Either way
+the embeddings run under the run's ``speed`` settings (``training.speed``: compiled, channels-last on
+the CPU; ``benchmarks/loops.py`` measures each path).
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ import torch
 from torch import nn
 
 from .method import Method, register
+from .training.speed import FastNetwork
 
 REAL_CHUNK = 256  # real images per no-grad forward pass (whole classes; bounds the activations' memory)
 
@@ -35,26 +38,29 @@ def samples_independent(network: nn.Module) -> bool:
     return not any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in network.modules())
 
 
-def class_mean_distances(network: nn.Module, reals: list[torch.Tensor], syns: list[torch.Tensor], *, batched: bool | None = None) -> torch.Tensor:
+def class_mean_distances(network: nn.Module, reals: list[torch.Tensor], syns: list[torch.Tensor], *, batched: bool | None = None,
+                         fast: FastNetwork | None = None) -> torch.Tensor:
     """sum over classes c of ``mean_embedding_distance(embed(reals[c]), embed(syns[c]))``, a scalar.
 
     ``reals[c]`` (N_c, C, H, W) and ``syns[c]`` (M_c, C, H, W) are class c's batches; the real side runs
     without gradients. ``batched`` (default: on CUDA when ``samples_independent(network)``) runs the
     real batches in forward passes of whole classes up to ``REAL_CHUNK`` images and the synthetic ones
-    in one; otherwise one pass per class and side, as the reference code does.
+    in one; otherwise one pass per class and side, as the reference code does. ``fast`` runs the
+    embeddings under a run's speed settings (layout, compilation, precision), ``network.embed`` without.
     """
     if batched is None:
         batched = syns[0].is_cuda and samples_independent(network)
+    embed = network.embed if fast is None else (lambda x: fast.embed(network, x))
     if not batched:
         total = torch.zeros((), device=syns[0].device)
         for real, syn in zip(reals, syns):
             with torch.no_grad():
-                real_features = network.embed(real)
-            total = total + mean_embedding_distance(real_features, network.embed(syn))
+                real_features = embed(real)
+            total = total + mean_embedding_distance(real_features, embed(syn))
         return total
     with torch.no_grad():
-        real_means = torch.cat([_class_means(network.embed(torch.cat(group)), [len(r) for r in group]) for group in _chunks(reals)])
-    syn_means = _class_means(network.embed(torch.cat(syns)), [len(s) for s in syns])
+        real_means = torch.cat([_class_means(embed(torch.cat(group)), [len(r) for r in group]) for group in _chunks(reals)])
+    syn_means = _class_means(embed(torch.cat(syns)), [len(s) for s in syns])
     return (real_means - syn_means).pow(2).sum()
 
 
@@ -101,7 +107,7 @@ class DM(Method):
                 real, syn = self.dsa.apply(real, draw), self.dsa.apply(syn, draw)
             reals.append(real)
             syns.append(syn)
-        match = class_mean_distances(network, reals, syns)
+        match = class_mean_distances(network, reals, syns, fast=self.fast(network))
         reg, logs = self.regularize(iteration)
         loss = match + reg
         self.update_images(loss)

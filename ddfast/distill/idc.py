@@ -160,7 +160,7 @@ class IDC(Method):
             real.append(real_c)
             fake.append(syn_c)
         matched = [p for p in self.network.parameters() if p.dim() > 2 or (options.match_linear and p.dim() == 2)]
-        match = matching_loss(self.network, real, fake, metric=options.metric, params=matched)
+        match = matching_loss(self.network, real, fake, metric=options.metric, params=matched, fast=self.fast(self.network))
         loss = match + reg
         self.update_images(loss)
         return {"loss": loss.item(), "match": match.item(), **logs}

@@ -21,6 +21,7 @@ from .distributed import World
 from .settings import from_dict
 from .training.augment import DSA, DSAConfig
 from .training.data import RealData, class_indices, random_per_class
+from .training.speed import FastNetwork
 
 METHODS: dict[str, type[Method]] = {}
 
@@ -145,6 +146,18 @@ class Method:
         self.options = self.read_options(config.options)
         self.dsa = DSA(DSAConfig(pairing=config.dsa_pairing)) if config.dsa else None
         self.optimizers = [torch.optim.SGD([ctx.synthetic.images], lr=config.image_lr, momentum=config.image_momentum)]
+        self._fast: FastNetwork | None = None
+
+    def fast(self, network: nn.Module) -> FastNetwork:
+        """The network calls under ``config.speed``, for networks built like ``network`` (the first one given)."""
+        if self._fast is None:
+            self._fast = FastNetwork(network, self.ctx.config.speed, self.ctx.synthetic.images.device)
+        return self._fast
+
+    @property
+    def compile_seconds(self) -> float:
+        """Seconds this process spent in first calls of compiled network programs (compilation, mostly)."""
+        return 0.0 if self._fast is None else self._fast.compile_seconds
 
     @classmethod
     def read_options(cls, options) -> Any:

@@ -185,6 +185,7 @@ def _run(config: DistillConfig, out: Path, world: distributed.World, device: tor
         "selection": progress["selection"],
         "chosen_iteration": best["iteration"],
         "chosen_val_accuracy": best["val_accuracy"],
+        "compile_seconds": method.compile_seconds,  # this process's, inside the distill time
     }
     if final:
         with timed(session, "evaluate"):
@@ -200,7 +201,7 @@ def _run(config: DistillConfig, out: Path, world: distributed.World, device: tor
 
 def _iterate(config: DistillConfig, method, data: RealData, progress: dict, save_checkpoint, stop_after, log, quiet: bool) -> bool:
     """Run the remaining iterations with validation and checkpoints; False when stopped by ``stop_after``."""
-    last_save = time.perf_counter()
+    last_save, first = time.perf_counter(), progress["iteration"]
     with bar(config.iterations, f"{config.method} {config.dataset} ipc {config.ipc}", enabled=not quiet,
              initial=progress["iteration"]) as progress_bar:
         while progress["iteration"] < config.iterations:
@@ -209,6 +210,8 @@ def _iterate(config: DistillConfig, method, data: RealData, progress: dict, save
                 logs = method.step(iteration)
             if not math.isfinite(logs["loss"]):
                 raise FloatingPointError(f"loss became {logs['loss']} at iteration {iteration}; the last checkpoint holds the last good state")
+            if iteration == first and method.compile_seconds:
+                log(f"compiled the network calls in {method.compile_seconds:.1f} s (once per input shape; speed.compile=false skips it)")
             progress["history"].append(logs)
             progress["iteration"] = done = iteration + 1
             progress_bar.update(1)

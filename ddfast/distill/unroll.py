@@ -32,6 +32,7 @@ from torch.func import functional_call
 from .method import Method
 from .settings import MOMENTUM, NON_NEGATIVE, OPTIONAL_COUNT, POSITIVE, SettingError, check
 from .training.augment import DSA, Draw
+from .training.speed import FastNetwork
 
 MODES = ("standard", "constant")
 
@@ -51,7 +52,8 @@ class Student:
     mode)`` returns the parameters after the steps, differentiable in ``images``, ``lr`` and ``start``.
     """
 
-    def __init__(self, model: nn.Module, labels: Tensor, *, batch_size: int | None = None, dsa: DSA | None = None):
+    def __init__(self, model: nn.Module, labels: Tensor, *, batch_size: int | None = None, dsa: DSA | None = None,
+                 fast: FastNetwork | None = None):
         if any(True for _ in model.buffers()):
             raise ValueError("the student network must have no buffers (running statistics): use norm='instancenorm' or 'none'")
         self.model = model
@@ -59,6 +61,7 @@ class Student:
         self.labels = labels
         self.batch_size = batch_size or len(labels)
         self.dsa = dsa
+        self.fast = fast  # the speed settings' precision and layout (the steps are differentiated twice: never compiled)
 
     def plan(self, steps: int, image_shape: Sequence[int]) -> list[Step]:
         """``steps`` batches: successive chunks of random permutations of the synthetic set, as MTT draws them."""
@@ -74,7 +77,10 @@ class Student:
 
     def logits(self, params: Sequence[Tensor], x: Tensor) -> Tensor:
         """The student with ``params`` (shaped like the model's parameters) on images ``x``."""
-        return functional_call(self.model, dict(zip(self.names, params, strict=True)), (x,))
+        state = dict(zip(self.names, params, strict=True))
+        if self.fast is not None:
+            return self.fast.call("forward", state, x, compiled=False)
+        return functional_call(self.model, state, (x,))
 
     def loss(self, params: Sequence[Tensor], images: Tensor, step: Step) -> Tensor:
         """Cross-entropy of the student with ``params`` on step ``step``'s batch."""
@@ -170,7 +176,7 @@ class UnrolledMethod(Method):
         super().__init__(ctx)
         options, syn = self.options, ctx.synthetic
         template = ctx.fresh_model()
-        self.student = Student(template, syn.labels, batch_size=options.batch_syn, dsa=self.dsa)
+        self.student = Student(template, syn.labels, batch_size=options.batch_syn, dsa=self.dsa, fast=self.fast(template))
         self.syn_lr = nn.Parameter(torch.tensor(options.lr_init, device=syn.images.device))
         self.optimizers.append(torch.optim.SGD([self.syn_lr], lr=options.lr_lr, momentum=options.lr_momentum))
 
