@@ -36,7 +36,9 @@ PRECISIONS = ("float32", "bfloat16")
 
 @dataclass(frozen=True)
 class SpeedConfig:
-    channels_last: bool | None = None  # None: on the CPU only
+    """How a run's loops call their networks; only ``precision="bfloat16"`` changes values beyond rounding."""
+
+    channels_last: bool | None = None  # None: for compiled calls on the CPU
     compile: bool = True  # torch.compile the first-order network calls
     precision: str = "float32"  # or "bfloat16" (autocast; values change)
 
