@@ -11,7 +11,7 @@ each iteration), so that one compiled program serves every iteration:
   torch.compile does not support double backward. Each input shape compiles once (seconds on a
   CPU: ``compile_seconds``); if compiling fails, a warning names why and the calls run eagerly.
 - ``precision``: ``float32`` (default), or ``bfloat16`` autocast of the network calls (opt-in: values
-  change by bfloat16 rounding; about twice as fast on CPUs with AMX and on tensor-core GPUs).
+  change by bfloat16 rounding; 1.5 to 3 times faster on a CPU with AMX, ``benchmarks/loops.py``).
 
 Layout and compilation change no value beyond rounding (summation order); ``tests/test_speed.py``
 compares every path with the eager, contiguous one in float64.
