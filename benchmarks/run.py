@@ -35,7 +35,7 @@ RESULTS = ROOT / "benchmarks" / "results"
 CASE_TIMEOUT_S = {"tiny": 120, "default": 120, "full": 1800}
 LOOP_SIZES = {"tiny": {"ipc": 1, "real_per_class": 4, "steps": 1}, "default": {}, "full": {}}  # loops.measure's settings per preset
 EXAMPLES = """examples:
-  python benchmarks/run.py                       every operation, default preset (within 5 minutes on 2 CPU cores)
+  python benchmarks/run.py                       every operation and loop, default preset (within 15 minutes on 2 CPU cores)
   python benchmarks/run.py --full                large sizes
   python benchmarks/run.py --skip-static         without the static sm_90 report (compiling it cold takes minutes)
   python benchmarks/run.py --ops infonce --sizes 1000,50000 --dtypes float32,bfloat16 --impls cpu,reference

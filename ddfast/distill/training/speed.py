@@ -5,7 +5,7 @@
 each iteration), so that one compiled program serves every iteration:
 
 - ``channels_last``: images and feature maps in NHWC order, oneDNN's native layout for convolutions
-  on the CPU (default there; on CUDA, cuDNN picks its own).
+  on the CPU (default there for compiled calls; on CUDA, cuDNN picks its own).
 - ``compile``: ``torch.compile`` of the calls whose gradients are first order (DM's embeddings, the
   real side of gradient matching); calls differentiated twice (``create_graph``) run eagerly, as
   torch.compile does not support double backward. Each input shape compiles once (seconds on a
