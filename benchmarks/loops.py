@@ -16,7 +16,8 @@ cross-entropy on 32 real images per class). Paths:
   first-order calls on the CPU, DM batched over classes on CUDA), float32, the same values to rounding;
 - ``bfloat16``: the same with ``speed.precision=bfloat16`` (opt-in; values change).
 
-The first iteration of each path (compilation included) is reported apart and not timed.
+The first iteration of each path (compilation included) is reported apart and not timed; the paths'
+later iterations run in turn, round after round, so that a shared machine's drift reaches them alike.
 Writes ``results/<device>-<date>-loops.{json,png}`` and prints a table; ``benchmarks/run.py`` records
 the same figures under ``loops``.
 """
@@ -51,7 +52,9 @@ RESULTS = Path(__file__).resolve().parent / "results"
 PATHS = {"reference": None, "ddfast": SpeedConfig(), "bfloat16": SpeedConfig(precision="bfloat16")}
 METHODS = ("dm", "dsa", "mtt", "bptt")
 CLASSES = 10
-MEMORY_CPU = ("peak resident set size (VmHWM) during the first timed iteration minus the resident set size right before it, "
+TIME = ("median wall-clock seconds of an iteration after the first, the paths called in turn for at least {reps} rounds "
+        "(synchronised on CUDA)")
+MEMORY_CPU = ("peak resident set size (VmHWM) during one iteration minus the resident set size right before it, "
               "all paths in this process, each after its own first iteration, glibc's free heap returned before (malloc_trim)")
 
 
@@ -153,21 +156,22 @@ def bptt_iteration(device: torch.device, speed: SpeedConfig | None, *, ipc: int,
 ITERATIONS = {"dm": dm_iteration, "dsa": dsa_iteration, "mtt": mtt_iteration, "bptt": bptt_iteration}
 
 
-def measure(device: torch.device, *, ipc: int = 10, real_per_class: int = 64, steps: int = 10, methods=METHODS) -> dict:
-    """Per method and path: the first iteration's seconds, the median seconds per iteration after it
-    (``harness.measure``) and peak bytes; per method the ratios to the reference path."""
+def measure(device: torch.device, *, ipc: int = 10, real_per_class: int = 64, steps: int = 10, methods=METHODS,
+            reps: int = 5) -> dict:
+    """Per method and path: the first iteration's seconds, the median seconds per iteration after it (the paths
+    called in turn, ``reps`` rounds at least: ``harness.interleaved_ms``) and the peak bytes of one iteration; per
+    method the ratios to the reference path."""
     out = {}
     for method in methods:
-        rows = {}
+        iterations, rows = {}, {}
         for name, speed in PATHS.items():
             torch.manual_seed(0)
-            iteration = ITERATIONS[method](device, speed, ipc=ipc, real_per_class=real_per_class, steps=steps)
+            iterations[name] = ITERATIONS[method](device, speed, ipc=ipc, real_per_class=real_per_class, steps=steps)
             start = time.perf_counter()
-            iteration()
-            first = time.perf_counter() - start
-            timed = harness.measure(iteration, device)
-            rows[name] = {"s_per_iteration": timed["median_ms"] / 1000, "first_iteration_s": first, "peak_bytes": timed["peak_bytes"],
-                          "reps": timed["reps"]}
+            iterations[name]()
+            rows[name] = {"first_iteration_s": time.perf_counter() - start, "peak_bytes": harness.peak_bytes(iterations[name], device)}
+        for name, timed in harness.interleaved_ms(iterations, device, reps).items():
+            rows[name] = {"s_per_iteration": timed["median_ms"] / 1000, **rows[name], "reps": timed["reps"]}
         reference = rows["reference"]["s_per_iteration"]
         out[method] = {**rows, "ratio": {name: rows[name]["s_per_iteration"] / reference for name in PATHS if name != "reference"},
                        "settings": {"ipc": ipc, "real_per_class": real_per_class, "steps": steps, "dsa": True}}
@@ -192,17 +196,18 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--real", type=int, default=64, help="real images per class and iteration (default 64)")
     p.add_argument("--steps", type=int, default=10, help="unrolled student steps of MTT and BPTT (default 10)")
     p.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS))
+    p.add_argument("--reps", type=int, default=5, help="timed rounds of the paths at least (default 5)")
     p.add_argument("--out", type=Path, default=RESULTS)
     args = p.parse_args(argv)
-    if min(args.ipc, args.real, args.steps) < 1:
-        p.error("--ipc, --real and --steps must be >= 1")
+    if min(args.ipc, args.real, args.steps, args.reps) < 1:
+        p.error("--ipc, --real, --steps and --reps must be >= 1")
     device = torch.device(args.device)
-    loops = measure(device, ipc=args.ipc, real_per_class=args.real, steps=args.steps, methods=args.methods)
+    loops = measure(device, ipc=args.ipc, real_per_class=args.real, steps=args.steps, methods=args.methods, reps=args.reps)
     print(table(loops))
     stem = args.out / f"{machine.slug(device)}-{datetime.date.today().isoformat()}-loops"
     args.out.mkdir(parents=True, exist_ok=True)
     doc = {"what": "seconds per distillation iteration and peak memory per method: ddfast's paths against the reference code's structure",
-           "time": harness.describe(device)["time"],
+           "time": TIME.format(reps=args.reps),
            "memory": harness.describe(device)["memory"] if device.type == "cuda" else MEMORY_CPU,
            "hardware": machine.hardware(device), "software": machine.software(), "git": machine.git(Path(__file__).resolve().parents[1]),
            "created": datetime.datetime.now().astimezone().isoformat(timespec="seconds"), "loops": loops}

@@ -12,6 +12,7 @@ from ddfast.distill.training.data import data_root
 from ddfast.distill.training.evaluate import EvalProtocol
 from ddfast.distill.training.models import ModelSpec
 from ddfast.distill.training.pretrain import PretrainSpec
+from ddfast.distill.training.speed import SpeedConfig
 
 TINY_MODEL = ModelSpec(width=16)
 
@@ -37,7 +38,8 @@ def mnist_root():
 
 
 def tiny_config(method: str = "dm", **changes) -> DistillConfig:
-    """A few hundred MNIST images, 2 images per class, narrow networks, a handful of iterations."""
+    """A few hundred MNIST images, 2 images per class, narrow networks, a handful of iterations; eager network calls
+    (compiling each tiny shape would outlast the run: ``tests/test_speed.py`` runs the compiled paths)."""
     config = dataclasses.replace(
         preset(method, "mnist", 2, "quick"),
         iterations=4,
@@ -49,6 +51,7 @@ def tiny_config(method: str = "dm", **changes) -> DistillConfig:
         val_per_class=10,
         train_per_class=30,
         test_per_class=20,
+        speed=SpeedConfig(compile=False),
     )
     return dataclasses.replace(config, **changes)
 

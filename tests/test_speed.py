@@ -1,14 +1,19 @@
 """The loops' speed settings change no value beyond rounding: every fast path against the eager, contiguous one in float64."""
 
+import dataclasses
+
 import pytest
 import torch
-from loops_support import one_thread  # noqa: F401  (autouse)
+from loops_support import assert_resumes_identically, mnist_root, one_thread, tiny_config  # noqa: F401  (one_thread: autouse)
 from torch import nn
 
+from ddfast.distill import run
 from ddfast.distill.dc import matching_loss
 from ddfast.distill.dm import class_mean_distances
+from ddfast.distill.mtt import MTTOptions
 from ddfast.distill.settings import SettingError
 from ddfast.distill.training.augment import DSA
+from ddfast.distill.training.buffers import ExpertSpec
 from ddfast.distill.training.models import ConvNet
 from ddfast.distill.training.speed import FastNetwork, SpeedConfig
 from ddfast.distill.unroll import Student
@@ -73,24 +78,37 @@ def test_gradient_matching_fast_path_equals_the_eager_one_in_float64():
         torch.testing.assert_close(got[1], expected[1], rtol=1e-10, atol=1e-14)
 
 
-def test_unrolled_student_with_speed_settings_equals_the_plain_one_in_float64():
+def unrolled_final_and_grads(template, start, fast, mode="standard"):
+    student = Student(template, torch.tensor([0, 0, 1, 1, 2]), batch_size=3, dsa=DSA(), fast=fast)
+    images, _ = class_batches([5], 3)
+    lr = torch.tensor(0.05, dtype=torch.float64, requires_grad=True)
+    torch.manual_seed(5)
+    final = student.train(start, images, lr, student.plan(3, images.shape), mode)
+    loss = sum(p.pow(2).sum() for p in final)
+    return (loss, *torch.autograd.grad(loss, [images, lr]))
+
+
+@pytest.mark.parametrize("mode", ["standard", "constant"])
+@pytest.mark.parametrize("speed", [SpeedConfig(), SpeedConfig(channels_last=True)], ids=["compiled", "compiled-channels-last"])
+def test_unrolled_student_with_speed_settings_equals_the_plain_one_in_float64(speed, mode):
     template = network(0)
-    labels = torch.tensor([0, 0, 1, 1, 2])
     start = [p.detach() for p in network(1).parameters()]
-
-    def final_and_grads(fast):
-        student = Student(template, labels, batch_size=3, dsa=DSA(), fast=fast)
-        images, _ = class_batches([5], 3)
-        lr = torch.tensor(0.05, dtype=torch.float64, requires_grad=True)
-        torch.manual_seed(5)
-        final = student.train(start, images, lr, student.plan(3, images.shape))
-        loss = sum(p.pow(2).sum() for p in final)
-        return (loss, *torch.autograd.grad(loss, [images, lr]))
-
-    expected = final_and_grads(None)
-    got = final_and_grads(FastNetwork(template, SpeedConfig(channels_last=True), CPU))
-    for g, e in zip(got, expected):
+    expected = unrolled_final_and_grads(template, start, None)
+    got = unrolled_final_and_grads(template, start, FastNetwork(template, speed, CPU), mode)
+    for g, e in zip(got, expected, strict=True):
         torch.testing.assert_close(g, e, rtol=1e-10, atol=1e-14)
+
+
+def test_one_gradient_program_serves_every_start():
+    template = network(0)
+    fast = FastNetwork(template, SpeedConfig(), CPU)
+    unrolled_final_and_grads(template, [p.detach() for p in network(1).parameters()], fast)
+    graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+    for seed in (2, 3):
+        start = [p.detach() for p in network(seed).parameters()]
+        torch.testing.assert_close(unrolled_final_and_grads(template, start, fast)[1], unrolled_final_and_grads(template, start, None)[1],
+                                   rtol=1e-10, atol=1e-14)
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == graphs
 
 
 def test_bfloat16_precision_is_opt_in_and_close():
@@ -104,15 +122,21 @@ def test_bfloat16_precision_is_opt_in_and_close():
 
 
 def test_a_failing_compiler_warns_and_runs_eagerly(monkeypatch):
-    def fails(self, *args, **kwargs):
+    def fails(*args, **kwargs):
         raise RuntimeError("no C++ compiler found")
 
     monkeypatch.setattr(nn.Module, "compile", fails)
+    monkeypatch.setattr(torch, "compile", fails)
     net = network(0, width=5).requires_grad_(False)  # an architecture not compiled before in this process
     fast = FastNetwork(net, SpeedConfig(), CPU)
     with pytest.warns(RuntimeWarning, match="torch.compile of the network failed .*no C\\+\\+ compiler found.*speed.compile=false"):
         got = dm_loss_and_grad(net, fast)
     torch.testing.assert_close(got[0], dm_loss_and_grad(net, None)[0], rtol=1e-12, atol=0)
+    template, start = network(0, width=5), [p.detach() for p in network(1, width=5).parameters()]
+    fast = FastNetwork(template, SpeedConfig(), CPU)
+    with pytest.warns(RuntimeWarning, match="torch.compile of the network failed"):
+        got = unrolled_final_and_grads(template, start, fast)
+    torch.testing.assert_close(got[1], unrolled_final_and_grads(template, start, None)[1], rtol=1e-12, atol=0)
 
 
 def test_architectures_with_equal_parameter_shapes_get_their_own_programs():
@@ -129,3 +153,16 @@ def test_architectures_with_equal_parameter_shapes_get_their_own_programs():
 def test_unknown_precision_is_refused_by_name():
     with pytest.raises(SettingError, match="precision must be one of"):
         SpeedConfig(precision="float16")
+
+
+def test_a_compiled_mtt_run_resumes_bit_for_bit_and_equals_the_eager_run(tmp_path):
+    mnist_root()
+    options = MTTOptions(syn_steps=2, expert_epochs=1, max_start_epoch=1, experts=ExpertSpec(experts=1, epochs=2, batch_size=32))
+    eager = tiny_config("mtt", iterations=3, select_every=0, options=options)  # DSA on: augmented student steps
+    compiled = dataclasses.replace(eager, speed=SpeedConfig())
+    cache = tmp_path / "cache"
+    expected = run(eager, tmp_path / "eager", cache_dir=cache, quiet=True, final=False)
+    full = run(compiled, tmp_path / "full", cache_dir=cache, quiet=True, final=False)
+    assert full["compile_seconds"] > 0 and expected["compile_seconds"] == 0
+    assert [h["loss"] for h in full["loss"]["history"]] == pytest.approx([h["loss"] for h in expected["loss"]["history"]], rel=1e-4)
+    assert_resumes_identically(compiled, tmp_path / "full", tmp_path / "resumed")

@@ -18,7 +18,7 @@ from torch import nn
 from .method import Method, register
 from .settings import COUNT, NON_NEGATIVE_INT, POSITIVE, check
 from .training.loop import train_network
-from .training.speed import FastNetwork
+from .training.speed import FastNetwork, network_state
 
 # (outer_loop, inner_loop) of the reference code per IPC
 UPSTREAM_LOOPS = {1: (1, 1), 10: (10, 50), 50: (50, 10)}
@@ -68,23 +68,31 @@ def matching_loss(network: nn.Module, real: Sequence[torch.Tensor], syn: Sequenc
 
     Matches the gradients of ``params`` (default: every trainable parameter) with ``gradient_distance``'s
     ``metric``. Differentiable with respect to the synthetic images (the real gradients are constants).
-    ``fast`` runs the network under a run's speed settings: the real side's first-order gradients
-    compiled, the synthetic side (differentiated twice) eagerly.
+    ``fast`` computes the gradients under a run's speed settings (``FastNetwork.gradients``: compiled).
     """
     params = [p for p in network.parameters() if p.requires_grad] if params is None else list(params)
+    state, names = network_state(network), _names(network, params)
 
-    def logits(x: torch.Tensor, compiled: bool) -> torch.Tensor:
-        return network(x) if fast is None else fast.forward(network, x, compiled=compiled)
+    def gradients(x: torch.Tensor, c: int, create_graph: bool) -> list[torch.Tensor]:
+        labels = torch.full((len(x),), c, device=x.device)
+        if fast is not None:
+            return fast.gradients(state, names, x, labels, create_graph=create_graph)
+        return list(torch.autograd.grad(F.cross_entropy(network(x), labels), params, create_graph=create_graph))
 
     total = None
     for c, (real_c, syn_c) in enumerate(zip(real, syn, strict=True)):
-        real_loss = F.cross_entropy(logits(real_c, True), torch.full((len(real_c),), c, device=real_c.device))
-        real_grads = [g.detach() for g in torch.autograd.grad(real_loss, params)]
-        syn_loss = F.cross_entropy(logits(syn_c, False), torch.full((len(syn_c),), c, device=syn_c.device))
-        syn_grads = torch.autograd.grad(syn_loss, params, create_graph=True)
-        distance = gradient_distance(syn_grads, real_grads, metric=metric)
+        real_grads = [g.detach() for g in gradients(real_c, c, False)]
+        distance = gradient_distance(gradients(syn_c, c, True), real_grads, metric=metric)
         total = distance if total is None else total + distance
     return total
+
+
+def _names(network: nn.Module, params: Sequence[torch.Tensor]) -> list[str]:
+    """The names of ``params`` in ``network``, in their order."""
+    by_id = {id(p): name for name, p in network.named_parameters()}
+    if any(id(p) not in by_id for p in params):
+        raise ValueError("params must be parameters of the network")
+    return [by_id[id(p)] for p in params]
 
 
 class GradientMatching(Method):

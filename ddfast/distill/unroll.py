@@ -61,7 +61,7 @@ class Student:
         self.labels = labels
         self.batch_size = batch_size or len(labels)
         self.dsa = dsa
-        self.fast = fast  # the speed settings' precision and layout (the steps are differentiated twice: never compiled)
+        self.fast = fast  # the speed settings: each step's gradient a compiled program (``FastNetwork.gradients``)
 
     def plan(self, steps: int, image_shape: Sequence[int]) -> list[Step]:
         """``steps`` batches: successive chunks of random permutations of the synthetic set, as MTT draws them."""
@@ -76,18 +76,27 @@ class Student:
         return plan
 
     def logits(self, params: Sequence[Tensor], x: Tensor) -> Tensor:
-        """The student with ``params`` (shaped like the model's parameters) on images ``x``."""
+        """The student with ``params`` (shaped like the model's parameters) on images ``x``; with speed settings, compiled
+        (differentiable once: second-order gradients go through ``gradients``)."""
         state = dict(zip(self.names, params, strict=True))
         if self.fast is not None:
-            return self.fast.call("forward", state, x, compiled=False)
+            return self.fast.call("forward", state, x)
         return functional_call(self.model, state, (x,))
 
     def loss(self, params: Sequence[Tensor], images: Tensor, step: Step) -> Tensor:
         """Cross-entropy of the student with ``params`` on step ``step``'s batch."""
+        return F.cross_entropy(self.logits(params, self._batch(images, step)), self.labels[step.index])
+
+    def gradients(self, params: Sequence[Tensor], images: Tensor, step: Step, *, create_graph: bool) -> list[Tensor]:
+        """The gradient of ``loss`` with respect to ``params`` (which require grad); ``create_graph`` keeps it differentiable."""
+        if self.fast is None:
+            return list(torch.autograd.grad(self.loss(params, images, step), params, create_graph=create_graph))
+        state = dict(zip(self.names, params, strict=True))
+        return self.fast.gradients(state, self.names, self._batch(images, step), self.labels[step.index], create_graph=create_graph)
+
+    def _batch(self, images: Tensor, step: Step) -> Tensor:
         x = images[step.index]
-        if step.draw is not None:
-            x = self.dsa.apply(x, step.draw)
-        return F.cross_entropy(self.logits(params, x), self.labels[step.index])
+        return x if step.draw is None else self.dsa.apply(x, step.draw)
 
     def train(self, start: Sequence[Tensor], images: Tensor, lr: Tensor, plan: list[Step], mode: str = "standard") -> list[Tensor]:
         """theta_T after ``len(plan)`` steps from ``start`` (tensors shaped like the model's parameters)."""
@@ -97,7 +106,7 @@ class Student:
             return list(_ConstantMemory.apply(self, plan, images, lr, *start))
         params = [p if p.requires_grad else p.detach().requires_grad_() for p in start]
         for step in plan:
-            grads = torch.autograd.grad(self.loss(params, images, step), params, create_graph=True)
+            grads = self.gradients(params, images, step, create_graph=True)
             params = [p - lr * g for p, g in zip(params, grads)]
         return params
 
@@ -113,7 +122,7 @@ class _ConstantMemory(torch.autograd.Function):
             trajectory.append(params)
             with torch.enable_grad():
                 leaves = [p.requires_grad_() for p in (q.clone() for q in params)]
-                grads = torch.autograd.grad(student.loss(leaves, images.detach(), step), leaves)
+                grads = student.gradients(leaves, images.detach(), step, create_graph=False)
             params = [p - lr.detach() * g for p, g in zip(params, grads)]
         ctx.student, ctx.plan, ctx.trajectory = student, plan, trajectory
         ctx.save_for_backward(images, lr)
@@ -130,7 +139,7 @@ class _ConstantMemory(torch.autograd.Function):
             with torch.enable_grad():
                 leaves = [p.detach().requires_grad_() for p in params]
                 x = images.detach().requires_grad_()
-                grads = torch.autograd.grad(student.loss(leaves, x, step), leaves, create_graph=True)
+                grads = student.gradients(leaves, x, step, create_graph=True)
                 dot = sum((g * a).sum() for g, a in zip(grads, adjoint))
                 hvp = torch.autograd.grad(dot, [*leaves, x], allow_unused=True)
             grad_lr -= dot.detach()
