@@ -33,7 +33,8 @@ from ddfast._backends import triton_missing
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
 CASE_TIMEOUT_S = {"tiny": 120, "default": 120, "full": 1800}
-LOOP_SIZES = {"tiny": {"ipc": 1, "real_per_class": 4, "steps": 1, "reps": 3}, "default": {"reps": 3}, "full": {}}  # loops.measure per preset
+# loops.measure per preset; tiny times one first-order (DM) and one second-order (MTT) method: each compiles its programs
+LOOP_SIZES = {"tiny": {"ipc": 1, "real_per_class": 4, "steps": 1, "reps": 3, "methods": ("dm", "mtt")}, "default": {"reps": 3}, "full": {}}
 EXAMPLES = """examples:
   python benchmarks/run.py                       every operation and loop, default preset (within 15 minutes on 2 CPU cores)
   python benchmarks/run.py --full                large sizes
