@@ -69,20 +69,27 @@ def time_ms(fn: Callable[[], object], device: torch.device, samples: list[float]
     return {"median_ms": statistics.median(samples), "p20_ms": p20, "p80_ms": p80, "reps": len(samples)}
 
 
-def interleaved_ms(fns: dict[str, Callable[[], object]], device: torch.device, min_reps: int = MIN_REPS) -> dict[str, dict]:
+def interleaved_ms(fns: dict[str, Callable[[], object]], device: torch.device, min_reps: int = MIN_REPS,
+                   samples: dict[str, list[float]] | None = None) -> dict[str, dict]:
     """``time_ms``'s figures for each of ``fns`` (warmed up by the caller), called in turn, round after round, so that
-    a machine's drift (other jobs, clocks) reaches every callable alike; wall-clock, synchronised on CUDA."""
-    samples: dict[str, list[float]] = {name: [] for name in fns}
+    a machine's drift (other jobs, clocks) reaches every callable alike; wall-clock, synchronised on CUDA. ``samples``:
+    earlier milliseconds per name, counted as the first round."""
+    samples = {name: list((samples or {}).get(name, [])) for name in fns}
     while min(map(len, samples.values())) < min_reps or (
             min(map(sum, samples.values())) < MIN_TIME_S * 1000 and min(map(len, samples.values())) < MAX_REPS):
         for name, fn in fns.items():
-            synchronize(device)
-            samples[name].append(_wall_ms(lambda fn=fn: (fn(), synchronize(device))))
+            samples[name].append(wall_ms(fn, device))
     out = {}
     for name, times in samples.items():
         p20, _, _, p80 = statistics.quantiles(times, n=5, method="inclusive")
         out[name] = {"median_ms": statistics.median(times), "p20_ms": p20, "p80_ms": p80, "reps": len(times)}
     return out
+
+
+def wall_ms(fn: Callable[[], object], device: torch.device) -> float:
+    """Milliseconds of one call of ``fn``, synchronised on CUDA before and after."""
+    synchronize(device)
+    return _wall_ms(lambda: (fn(), synchronize(device)))
 
 
 def _wall_ms(fn: Callable[[], object]) -> float:

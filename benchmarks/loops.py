@@ -163,14 +163,18 @@ def measure(device: torch.device, *, ipc: int = 10, real_per_class: int = 64, st
     method the ratios to the reference path."""
     out = {}
     for method in methods:
-        iterations, rows = {}, {}
+        iterations, rows, timed_first = {}, {}, {}
         for name, speed in PATHS.items():
             torch.manual_seed(0)
-            iterations[name] = ITERATIONS[method](device, speed, ipc=ipc, real_per_class=real_per_class, steps=steps)
+            iteration = iterations[name] = ITERATIONS[method](device, speed, ipc=ipc, real_per_class=real_per_class, steps=steps)
             start = time.perf_counter()
-            iterations[name]()
-            rows[name] = {"first_iteration_s": time.perf_counter() - start, "peak_bytes": harness.peak_bytes(iterations[name], device)}
-        for name, timed in harness.interleaved_ms(iterations, device, reps).items():
+            iteration()
+            first = time.perf_counter() - start
+            seconds = []  # the iteration measured for memory is also the first timed one
+            peak = harness.peak_bytes(lambda it=iteration, out=seconds: out.append(harness.wall_ms(it, device)), device)
+            timed_first[name] = seconds
+            rows[name] = {"first_iteration_s": first, "peak_bytes": peak}
+        for name, timed in harness.interleaved_ms(iterations, device, reps, timed_first).items():
             rows[name] = {"s_per_iteration": timed["median_ms"] / 1000, **rows[name], "reps": timed["reps"]}
         reference = rows["reference"]["s_per_iteration"]
         out[method] = {**rows, "ratio": {name: rows[name]["s_per_iteration"] / reference for name in PATHS if name != "reference"},
