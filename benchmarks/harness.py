@@ -65,8 +65,7 @@ def time_ms(fn: Callable[[], object], device: torch.device, samples: list[float]
     samples = list(samples or [])
     while len(samples) < MIN_REPS or (sum(samples) < MIN_TIME_S * 1000 and len(samples) < MAX_REPS):
         samples.append(_wall_ms(fn))
-    p20, _, _, p80 = statistics.quantiles(samples, n=5, method="inclusive")
-    return {"median_ms": statistics.median(samples), "p20_ms": p20, "p80_ms": p80, "reps": len(samples)}
+    return _summary(samples)
 
 
 def interleaved_ms(fns: dict[str, Callable[[], object]], device: torch.device, min_reps: int = MIN_REPS,
@@ -79,11 +78,12 @@ def interleaved_ms(fns: dict[str, Callable[[], object]], device: torch.device, m
             min(map(sum, samples.values())) < MIN_TIME_S * 1000 and min(map(len, samples.values())) < MAX_REPS):
         for name, fn in fns.items():
             samples[name].append(wall_ms(fn, device))
-    out = {}
-    for name, times in samples.items():
-        p20, _, _, p80 = statistics.quantiles(times, n=5, method="inclusive")
-        out[name] = {"median_ms": statistics.median(times), "p20_ms": p20, "p80_ms": p80, "reps": len(times)}
-    return out
+    return {name: _summary(times) for name, times in samples.items()}
+
+
+def _summary(samples: list[float]) -> dict:
+    p20, _, _, p80 = statistics.quantiles(samples, n=5, method="inclusive")
+    return {"median_ms": statistics.median(samples), "p20_ms": p20, "p80_ms": p80, "reps": len(samples)}
 
 
 def wall_ms(fn: Callable[[], object], device: torch.device) -> float:

@@ -12,8 +12,9 @@ target, the backward pass) and BPTT (``--steps`` unrolled steps from a fresh net
 cross-entropy on 32 real images per class). Paths:
 
 - ``reference``: one eager, contiguous (NCHW) pass per class and side, float32, as the reference code;
-- ``ddfast``: the default speed settings (``ddfast.distill.training.speed``: channels-last and compiled
-  first-order calls on the CPU, DM batched over classes on CUDA), float32, the same values to rounding;
+- ``ddfast``: the default speed settings (``ddfast.distill.training.speed``: compiled network calls,
+  channels-last on the CPU, compiled parameter gradients of first and second order, DM batched over
+  classes on CUDA), float32, the same values to rounding;
 - ``bfloat16``: the same with ``speed.precision=bfloat16`` (opt-in; values change).
 
 The first iteration of each path (compilation included) is reported apart and not timed; the paths'

@@ -98,7 +98,7 @@ class FastNetwork:
         with self.autocast():
             out = None
             if compiled:
-                out = self._compiled(("call", name, x), lambda: _apply(_compiled_copy(module, state), state, x))
+                out = self._compiled(("call", name), x, lambda: _apply(_compiled_copy(module, state), state, x))
             if out is None:
                 out = _apply(module, state, x)
         return _full_precision(out)
@@ -120,7 +120,7 @@ class FastNetwork:
             if compiled:
                 params, rest = tuple(state[n] for n in names), {key: t for key, t in state.items() if key not in names}
                 with torch.set_grad_enabled(create_graph and torch.is_grad_enabled()):
-                    grads = self._compiled(("gradients", tuple(names), x),
+                    grads = self._compiled(("gradients", tuple(names)), x,
                                            lambda: _gradient_program(module, state, names, self.device)(params, rest, x, labels))
             if grads is None:
                 loss = F.cross_entropy(_full_precision(_apply(module, state, x)), labels)
@@ -138,9 +138,8 @@ class FastNetwork:
             return x.clone(memory_format=torch.contiguous_format)  # one stride pattern per shape: compiled once
         return x
 
-    def _compiled(self, what: tuple, run):
+    def _compiled(self, kind: tuple, x: torch.Tensor, run):
         """``run()`` (a compiled call), its first call per kind and input shape timed into ``compile_seconds``; None if compiling fails."""
-        kind, x = what[:-1], what[-1]
         key = (*kind, tuple(x.shape), x.stride(), x.dtype, torch.is_grad_enabled(), x.requires_grad)
         start = time.perf_counter()
         try:
