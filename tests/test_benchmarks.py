@@ -88,8 +88,9 @@ def test_loops_writes_json_and_plot(tmp_path):
     loops = json.loads(json_path.read_text())["loops"]
     assert set(loops) == {"dm", "mtt"} and loops["dm"]["settings"]["real_per_class"] == 3
     for entry in loops.values():
-        assert set(entry) == {"reference", "ddfast", "bfloat16", "ratio", "settings"}
+        assert set(entry) == {"reference", "ddfast", "bfloat16", "ratio", "settings", "allocator"}
         assert all(entry[path]["s_per_iteration"] > 0 and entry[path]["first_iteration_s"] > 0 for path in ("reference", "ddfast", "bfloat16"))
+        assert entry["allocator"] == {"reference": "glibc defaults", "ddfast": "keep_freed_memory", "bfloat16": "keep_freed_memory"}
     assert json_path.with_suffix(".png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 

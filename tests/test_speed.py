@@ -14,6 +14,7 @@ from ddfast.distill.mtt import MTTOptions
 from ddfast.distill.settings import SettingError
 from ddfast.distill.training.augment import DSA
 from ddfast.distill.training.buffers import ExpertSpec
+from ddfast.distill.training.loop import train_network
 from ddfast.distill.training.models import ConvNet
 from ddfast.distill.training.speed import FastNetwork, SpeedConfig
 from ddfast.distill.unroll import Student
@@ -76,6 +77,21 @@ def test_gradient_matching_fast_path_equals_the_eager_one_in_float64():
         expected, got = loss_and_grad(None, params), loss_and_grad(fast, params)
         torch.testing.assert_close(got[0], expected[0], rtol=1e-12, atol=0)
         torch.testing.assert_close(got[1], expected[1], rtol=1e-10, atol=1e-14)
+
+
+def test_network_training_with_compiled_gradients_equals_the_eager_one_in_float64():
+    """Gradient matching's inner loop: SGD on the synthetic set (DSA-augmented, two batches, the last one short)."""
+    images, _ = class_batches([4, 3, 2], 3)
+    labels = torch.tensor([0, 0, 0, 0, 1, 1, 1, 2, 2])
+
+    def trained(fast):
+        net = network(4)
+        torch.manual_seed(5)  # the same shuffles and augmentations
+        train_network(net, images.detach(), labels, epochs=2, lr=0.05, batch_size=5, dsa=DSA(), fast=fast and fast(net))
+        return [p.detach() for p in net.parameters()]
+
+    for got, expected in zip(trained(lambda net: FastNetwork(net, SpeedConfig(), CPU)), trained(None), strict=True):
+        torch.testing.assert_close(got, expected, rtol=1e-10, atol=1e-13)
 
 
 def unrolled_final_and_grads(template, start, fast, mode="standard"):

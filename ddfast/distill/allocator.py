@@ -3,7 +3,7 @@
 glibc returns large freed blocks (above a threshold of at most 32 MiB) to the system at once, so
 the next step's activations of the same size are mapped and zeroed again: on a 2-core machine that
 cost a third of the CPU time of ConvNet training (page faults in system time). The command line
-raises both thresholds at start; a library user may call ``keep_freed_memory()`` themselves.
+and ``run`` raise both thresholds at start; a library user may call ``keep_freed_memory()`` themselves.
 """
 
 from __future__ import annotations

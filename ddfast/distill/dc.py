@@ -128,7 +128,8 @@ class GradientMatching(Method):
                     real_c, syn_c = self.dsa.match(real_c, syn_c)
                 real.append(real_c)
                 fake.append(syn_c)
-            match = matching_loss(network, real, fake, fast=self.fast(network))
+            fast = self.fast(network)
+            match = matching_loss(network, real, fake, fast=fast)
             reg, logs = self.regularize(iteration)
             loss = match + reg
             self.update_images(loss)
@@ -136,7 +137,8 @@ class GradientMatching(Method):
                 totals[key] = totals.get(key, 0.0) + value / options.outer_loop
             if outer < options.outer_loop - 1 and options.inner_loop:
                 train_network(network, syn.images.detach(), syn.labels, epochs=options.inner_loop, lr=options.net_lr,
-                              batch_size=options.train_batch, momentum=0.0, weight_decay=0.0, dsa=self.dsa, decay_at_half=False)
+                              batch_size=options.train_batch, momentum=0.0, weight_decay=0.0, dsa=self.dsa, decay_at_half=False,
+                              fast=fast)
         return totals
 
 

@@ -23,6 +23,7 @@ from pathlib import Path
 import torch
 
 from . import checkpoint, distributed
+from .allocator import keep_freed_memory
 from .cmi_regularizer import CMIRegularizer
 from .config import DistillConfig
 from .method import Context, RealSampler, method_class
@@ -124,10 +125,13 @@ def run(
 
     ``restart`` ignores an existing checkpoint. ``stop_after`` stops (checkpointed) once that many
     iterations are done, as a kill would. ``final=False`` skips the test-set evaluation (sweeps).
+    The process keeps freed memory from then on (``allocator.keep_freed_memory``, glibc): CPU steps
+    reuse their buffers instead of mapping and zeroing them again.
     """
     session: dict[str, dict[str, float]] = {}  # this call's timings; distill / select accumulate in progress
     out = Path(out_dir)
     device, state = check_start(config, out, device=device, restart=restart, stop_after=stop_after)
+    keep_freed_memory()
     world = distributed.world()
     with world.group(device):
         return _run(config, out, world, device, state, session, data_root=data_root, download=download, cache_dir=cache_dir,

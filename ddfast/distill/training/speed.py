@@ -9,13 +9,13 @@ serves every iteration:
   on the CPU (default there for compiled network calls; gradient programs keep NCHW unless asked,
   as inductor's CPU kernels for their norm backward vectorise better so; on CUDA, cuDNN picks its own).
 - ``compile``: ``torch.compile`` of the network calls (DM's embeddings) and of the parameter gradients
-  of the cross-entropy (``gradients``: gradient matching, the unrolled students of MTT and BPTT). A
-  gradient that is itself differentiated (``create_graph``) is computed by a compiled program made
-  with ``torch.func.grad``, whose backward inductor compiles too (torch.compile cannot differentiate
-  ``autograd.grad`` twice), from a copy of the network in fusable form (``fusable``: the first,
-  few-channel convolution and the 2x2 pools rewritten as element-wise sums). Each input
-  shape compiles once (seconds to a minute on a CPU: ``compile_seconds``); if compiling fails, a
-  warning names why and the calls run eagerly.
+  of the cross-entropy (``gradients``: gradient matching and its inner epochs, the unrolled students
+  of MTT and BPTT). A gradient is computed by a compiled program made with ``torch.func.grad``, whose
+  backward inductor compiles too when the gradient is differentiated again (torch.compile cannot
+  differentiate ``autograd.grad`` twice). Compiled calls and programs run a copy of the network in
+  fusable form (``fusable``: the first block computed over its pool's phases, the other 2x2 pools as
+  reshaped means). Each input shape compiles once (seconds to a minute on a CPU:
+  ``compile_seconds``); if compiling fails, a warning names why and the calls run eagerly.
 - ``precision``: ``float32`` (default), or ``bfloat16`` autocast of the network calls (opt-in: values
   change by bfloat16 rounding; 1.5 to 3 times faster on a CPU with AMX, ``benchmarks/loops.py``).
 
@@ -159,11 +159,11 @@ _COMPILED: dict[tuple, nn.Module] = {}  # per architecture, for the whole proces
 
 
 def _compiled_copy(module: nn.Module, state: dict[str, torch.Tensor]) -> nn.Module:
-    """A compiled copy of ``module``, one per architecture (its layers' settings) and parameter layout; parameters are swapped
-    in by ``functional_call`` outside the compiled region, so new values never recompile."""
+    """A compiled, fusable copy of ``module``, one per architecture (its layers' settings) and parameter layout; parameters are
+    swapped in by ``functional_call`` outside the compiled region, so new values never recompile."""
     key = (type(module), repr(module), *((name, t.shape, t.dtype, t.device) for name, t in state.items()))  # repr: padding, norms
     if key not in _COMPILED:
-        compiled = copy.deepcopy(module)
+        compiled = fusable(copy.deepcopy(module))
         compiled.compile(dynamic=False)
         _COMPILED[key] = compiled
     return _COMPILED[key]
