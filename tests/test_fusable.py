@@ -119,9 +119,10 @@ def test_fusable_rewrites_a_convnet_and_keeps_its_values_and_names():
     torch.testing.assert_close(rewritten(x), expected, rtol=1e-12, atol=1e-13)
 
 
-@pytest.mark.parametrize("norm", [nn.BatchNorm2d(5), nn.GroupNorm(1, 5)], ids=["batch-norm", "layer-norm-like-group"])
-def test_fusable_keeps_blocks_with_other_norms_layer_by_layer(norm):
-    sequence = nn.Sequential(nn.Conv2d(1, 5, 3, padding=1), norm, nn.ReLU(), nn.AvgPool2d(2))
+@pytest.mark.parametrize("norm, k", [(nn.BatchNorm2d(5), 2), (nn.GroupNorm(1, 5), 2), (nn.GroupNorm(5, 5), 1)],
+                         ids=["batch-norm", "layer-norm-like-group", "one-pixel-pool"])
+def test_fusable_keeps_other_blocks_layer_by_layer(norm, k):
+    sequence = nn.Sequential(nn.Conv2d(1, 5, 3, padding=1), norm, nn.ReLU(), nn.AvgPool2d(k))
     fusable(sequence)
     assert isinstance(sequence[0], ShiftedConv) and sequence[1] is norm and isinstance(sequence[3], BlockMean)
 

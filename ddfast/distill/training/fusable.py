@@ -75,7 +75,7 @@ def shifted_conv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | Non
 
 @custom_op("ddfast::phase_split")
 def phase_split(x: torch.Tensor, k: int) -> torch.Tensor:
-    """(N, C, H, W) -> (k, k, N, C, H / k, W / k): [a, b] holds x[..., a::k, b::k]; H and W divisible by k.
+    """(N, C, H, W) -> (k, k, N, C, H / k, W / k): [a, b] holds x[..., a::k, b::k]; k >= 2, H and W divisible by k.
 
     An operator of its own, so that inductor writes the phases once instead of gathering them in every kernel that reads them.
     """
@@ -189,7 +189,8 @@ def _fuse_blocks(sequence: nn.Sequential) -> None:
     layers = list(sequence)
     for i in range(len(layers) - 3):
         conv, norm, relu, pool = layers[i : i + 4]
-        if _is_shiftable(conv) and (_is_instance_norm(norm) or type(norm) is nn.Identity) and type(relu) is nn.ReLU and _is_block_pool(pool):
+        pooled = _is_block_pool(pool) and _single(pool.kernel_size) > 1  # k = 1 has one phase: nothing to gain
+        if _is_shiftable(conv) and (_is_instance_norm(norm) or type(norm) is nn.Identity) and type(relu) is nn.ReLU and pooled:
             held = NormParameters(norm) if _is_instance_norm(norm) else None
             sequence[i] = PooledConvBlock(conv, held, _single(pool.kernel_size))
             sequence[i + 1], sequence[i + 2], sequence[i + 3] = held or nn.Identity(), nn.Identity(), nn.Identity()
