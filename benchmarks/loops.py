@@ -202,9 +202,9 @@ class PathWorker:
 
     def __init__(self, path: str, device: torch.device, settings: dict, *, keep_memory: bool):
         self.path, self.keep_memory = path, keep_memory
-        self._conn, child = multiprocessing.get_context("spawn").Pipe()
-        self._process = multiprocessing.get_context("spawn").Process(target=_serve, args=(child, path, str(device), settings, keep_memory),
-                                                                     daemon=True)
+        spawn = multiprocessing.get_context("spawn")
+        self._conn, child = spawn.Pipe()
+        self._process = spawn.Process(target=_serve, args=(child, path, str(device), settings, keep_memory), daemon=True)
         self._process.start()
 
     def build(self, method: str) -> tuple[float, int | None, list[float]]:
