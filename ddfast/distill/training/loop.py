@@ -55,7 +55,7 @@ def train_epoch(model: nn.Module, optimizer: torch.optim.Optimizer, images: torc
     """One pass over (images, labels) in shuffled batches (global RNG), each augmented by ``dsa`` when given; ``fast``
     as in ``train_network``."""
     model.train()
-    named = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
+    trained = {name: p for name, p in model.named_parameters() if p.requires_grad}
     order = torch.randperm(len(labels)).to(labels.device)
     for start in range(0, len(labels), batch_size):
         batch = order[start : start + batch_size]
@@ -66,8 +66,8 @@ def train_epoch(model: nn.Module, optimizer: torch.optim.Optimizer, images: torc
         if fast is None:
             F.cross_entropy(model(x), labels[batch]).backward()
         else:
-            grads = fast.gradients(network_state(model), [name for name, _ in named], x, labels[batch], create_graph=False)
-            for (_, p), grad in zip(named, grads, strict=True):
+            grads = fast.gradients(network_state(model), list(trained), x, labels[batch], create_graph=False)
+            for p, grad in zip(trained.values(), grads, strict=True):
                 p.grad = grad
         optimizer.step()
 
