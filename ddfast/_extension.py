@@ -5,7 +5,8 @@ Each kernel family is one small extension per device: ``csrc/<family>/<family>_c
 the namespace ``ddfast_<family>_<device>``, so once loaded they are ``torch.ops.ddfast_<name>.*``.
 
 Extensions are built on first use by ``torch.utils.cpp_extension`` (ninja, cached in
-``TORCH_EXTENSIONS_DIR``) unless ``setup.py`` built them ahead of time into ``ddfast/_lib``.
+``TORCH_EXTENSIONS_DIR``, one folder per extension and torch version) unless ``setup.py`` built them
+ahead of time into ``ddfast/_lib``.
 A build records its library under a key of everything that shaped it (the sources and headers, the
 flags, the torch and Python versions) in ``<cache>/extensions/<name>.json``; a later process whose key
 matches loads that library directly, without importing ``cpp_extension`` or running ninja (0.1 s of
@@ -134,6 +135,19 @@ def _remember(name: str, library: str) -> None:
         pass
 
 
+def build_directory(name: str) -> Path:
+    """Where ninja builds extension ``name``: a folder per torch, CUDA and Python version.
+
+    Versions must not share one: torch 2.14 leaves its build lock file behind, and torch 2.11 waits
+    for an existing lock to go away, forever.
+    """
+    root = os.environ.get("TORCH_EXTENSIONS_DIR") or _cpp_extension().get_default_build_root()
+    version = f"torch{torch.__version__}-cu{torch.version.cuda}-py{sys.version_info.major}{sys.version_info.minor}"
+    path = Path(root) / f"ddfast_{name}" / version
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
 def build(name: str, *, verbose: bool = False) -> None:
     """Compile extension ``name`` with ninja (cached) and load it into this process. Raises on failure."""
     cpp_extension = _cpp_extension()
@@ -152,6 +166,7 @@ def build(name: str, *, verbose: bool = False) -> None:
     library = cpp_extension.load(
         name=f"ddfast_{name}",
         sources=[str(s) for s in sources(name)],
+        build_directory=str(build_directory(name)),
         extra_cflags=CPU_FLAGS if not is_cuda else ["-O3"],
         extra_cuda_cflags=CUDA_FLAGS,
         extra_include_paths=include,

@@ -58,3 +58,12 @@ def test_the_key_follows_the_sources_and_the_flags(tmp_path, monkeypatch):
     before = _extension.build_key(NAME)
     (tmp_path / "common" / "header.h").write_text("a header")
     assert _extension.build_key(NAME) != before
+
+
+def test_each_torch_version_builds_in_a_folder_of_its_own(tmp_path, monkeypatch):
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
+    here = _extension.build_directory(NAME)
+    assert here.is_dir() and here.parent == tmp_path / f"ddfast_{NAME}"
+    monkeypatch.setattr(_extension.torch, "__version__", "2.11.0+cu130")
+    other = _extension.build_directory(NAME)
+    assert other.is_dir() and other != here and "2.11.0" in other.name
