@@ -60,12 +60,15 @@ def tiny_pretrain() -> PretrainSpec:
     return PretrainSpec(model=TINY_MODEL, pool=2, epochs=3, batch_size=32, train_per_class=30)
 
 
-def assert_resumes_identically(config: DistillConfig, full_out, tmp_path) -> None:
-    """A run of ``config`` stopped after one iteration and resumed ends exactly as the uninterrupted run in ``full_out``."""
-    stopped = run(config, tmp_path, quiet=True, stop_after=1, final=False)
+def assert_resumes_identically(config: DistillConfig, full_out, tmp_path, cache_dir=None) -> None:
+    """A run of ``config`` stopped after one iteration and resumed ends exactly as the uninterrupted run in ``full_out``.
+
+    ``cache_dir``: the uninterrupted run's (its expert buffers: another cache may hold another torch's).
+    """
+    stopped = run(config, tmp_path, cache_dir=cache_dir, quiet=True, stop_after=1, final=False)
     assert stopped == {"status": "stopped", "iteration": 1, "checkpoint": str(tmp_path / "checkpoint.pt")}
     assert not (tmp_path / "synthetic.pt").exists()
-    resumed = run(config, tmp_path, quiet=True, final=False)
+    resumed = run(config, tmp_path, cache_dir=cache_dir, quiet=True, final=False)
     assert "evaluation" not in resumed
     full, again = checkpoint.load(full_out / "checkpoint.pt"), checkpoint.load(tmp_path / "checkpoint.pt")
     assert torch.equal(again["images"], full["images"])

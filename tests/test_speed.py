@@ -181,4 +181,4 @@ def test_a_compiled_mtt_run_resumes_bit_for_bit_and_equals_the_eager_run(tmp_pat
     full = run(compiled, tmp_path / "full", cache_dir=cache, quiet=True, final=False)
     assert full["compile_seconds"] > 0 and expected["compile_seconds"] == 0
     assert [h["loss"] for h in full["loss"]["history"]] == pytest.approx([h["loss"] for h in expected["loss"]["history"]], rel=1e-4)
-    assert_resumes_identically(compiled, tmp_path / "full", tmp_path / "resumed")
+    assert_resumes_identically(compiled, tmp_path / "full", tmp_path / "resumed", cache_dir=cache)
