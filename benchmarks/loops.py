@@ -12,7 +12,9 @@ target, the backward pass) and BPTT (``--steps`` unrolled steps from a fresh net
 cross-entropy on 32 real images per class). Paths:
 
 - ``reference``: one eager, contiguous (NCHW) pass per class and side, float32, glibc's allocator
-  defaults, as the reference code;
+  defaults: the reference code's structure (the reference scripts themselves can run faster or slower
+  than this path: glibc's heap after loading a dataset serves their large buffers differently; README
+  reports them timed beside it);
 - ``ddfast``: the default speed settings (``ddfast.distill.training.speed``: compiled network calls,
   compiled parameter gradients of first and second order, also for gradient matching's inner epochs,
   DM batched over classes on CUDA) and freed memory kept in the process (``keep_freed_memory``, as
