@@ -12,6 +12,7 @@ from ddfast.distill.dc import matching_loss
 from ddfast.distill.dm import class_mean_distances
 from ddfast.distill.mtt import MTTOptions
 from ddfast.distill.settings import SettingError
+from ddfast.distill.training import winograd
 from ddfast.distill.training.augment import DSA
 from ddfast.distill.training.buffers import ExpertSpec
 from ddfast.distill.training.loop import train_network
@@ -49,6 +50,36 @@ def test_dm_fast_paths_equal_the_eager_one_in_float64(speed, batched):
     got = dm_loss_and_grad(net, FastNetwork(net, speed, CPU), batched=batched)
     torch.testing.assert_close(got[0], expected[0], rtol=1e-12, atol=0)
     torch.testing.assert_close(got[1], expected[1], rtol=1e-10, atol=1e-14)
+
+
+@pytest.mark.skipif(not winograd.available(), reason="the Winograd transform kernels cannot be built here (no C++ compiler)")
+def test_winograd_convolutions_of_the_cpu_paths_equal_the_eager_one_in_float64(monkeypatch):
+    """A network wide enough for Winograd convolutions (DM's real side, gradient matching's real gradients) and batches of
+    MIN_TILES tiles at the second block: the transform kernels run and the values stay."""
+    calls = []
+    kernels = winograd._kernels
+    monkeypatch.setattr(winograd, "_kernels", lambda: calls.append(1) or kernels())
+    net = network(0, width=winograd.MIN_CHANNELS)
+    generator = torch.Generator().manual_seed(1)
+    reals = list(torch.randn(2, 16, 1, 28, 28, generator=generator, dtype=torch.float64))  # 16 images: 16 x 4 x 4 tiles at 16 x 16
+
+    def dm(fast):
+        syn, syns = class_batches([2, 3], 2)
+        loss = class_mean_distances(net.requires_grad_(False), reals, syns, batched=False, fast=fast)
+        return loss, torch.autograd.grad(loss, syn)[0]
+
+    def matching(fast):
+        syn, syns = class_batches([2, 3], 2)
+        loss = matching_loss(net.requires_grad_(True), reals, syns, fast=fast)
+        return loss, torch.autograd.grad(loss, syn)[0]
+
+    for values in (dm, matching):
+        expected = values(None)
+        calls.clear()
+        got = values(FastNetwork(net, SpeedConfig(), CPU))
+        assert calls, f"{values.__name__}: no Winograd convolution ran"
+        torch.testing.assert_close(got[0], expected[0], rtol=1e-12, atol=0)
+        torch.testing.assert_close(got[1], expected[1], rtol=1e-10, atol=1e-14)
 
 
 def test_one_compiled_program_serves_every_fresh_network():

@@ -10,12 +10,14 @@ serves every iteration:
   as inductor's CPU kernels for their norm backward vectorise better so; on CUDA, cuDNN picks its own).
 - ``compile``: ``torch.compile`` of the network calls (DM's embeddings) and of the parameter gradients
   of the cross-entropy (``gradients``: gradient matching and its inner epochs, the unrolled students
-  of MTT and BPTT). A gradient is computed by a compiled program made with ``torch.func.grad``, whose
-  backward inductor compiles too when the gradient is differentiated again (torch.compile cannot
-  differentiate ``autograd.grad`` twice). Compiled calls and programs run a copy of the network in
-  fusable form (``fusable``: the first block computed over its pool's phases, the other 2x2 pools as
-  reshaped means). Each input shape compiles once (seconds to a minute on a CPU:
-  ``compile_seconds``); if compiling fails, a warning names why and the calls run eagerly.
+  of MTT and BPTT). A gradient to be differentiated again is computed by a compiled program made with
+  ``torch.func.grad``, whose backward inductor compiles too (torch.compile cannot differentiate
+  ``autograd.grad`` twice); a first-order one by ``autograd.grad`` through a compiled forward call.
+  Compiled calls and programs run a copy of the network in fusable form (``fusable``: the first block
+  computed over its pool's phases, the other 2x2 pools as reshaped means; on the CPU, outside the
+  ``torch.func`` programs, the wide 3x3 convolutions as Winograd F(4x4, 3x3), ``winograd``). Each input
+  shape compiles once (seconds to a minute on a CPU: ``compile_seconds``); if compiling fails, a
+  warning names why and the calls run eagerly.
 - ``precision``: ``float32`` (default), or ``bfloat16`` autocast of the network calls (opt-in: values
   change by bfloat16 rounding; 1.5 to 3 times faster on a CPU with AMX, ``benchmarks/loops.py``).
 
@@ -37,6 +39,7 @@ from torch import nn
 from torch.func import functional_call
 
 from ..settings import SettingError
+from . import winograd
 from .fusable import fusable
 
 PRECISIONS = ("float32", "bfloat16")
@@ -89,10 +92,12 @@ class FastNetwork:
             return torch.autocast(self.device.type, dtype=torch.bfloat16)
         return contextlib.nullcontext()
 
-    def call(self, name: str, state: dict[str, torch.Tensor], x: torch.Tensor, *, compiled: bool = True) -> torch.Tensor:
-        """``name`` ("embed" or "forward") of the template with its parameters and buffers replaced by ``state`` (by name)."""
+    def call(self, name: str, state: dict[str, torch.Tensor], x: torch.Tensor, *, compiled: bool = True,
+             channels_last: bool | None = None) -> torch.Tensor:
+        """``name`` ("embed" or "forward") of the template with its parameters and buffers replaced by ``state`` (by name);
+        ``channels_last`` overrides the settings' layout of the call."""
         compiled = compiled and self._compiles()
-        x = self._layout(x, compiled, self.speed.uses_channels_last(self.device, compiled))
+        x = self._layout(x, compiled, self.speed.uses_channels_last(self.device, compiled) if channels_last is None else channels_last)
         module, prefix = self._modules[name]
         state = {prefix + key: t for key, t in state.items()}
         with self.autocast():
@@ -109,10 +114,18 @@ class FastNetwork:
 
         x (N, C, H, W) float, labels (N,) long; the loss is the mean cross-entropy. ``create_graph``:
         the gradients are differentiable in ``x`` and in the differentiated tensors (second order);
-        otherwise they are constants. Compiled (one program per architecture and shape) unless the
-        settings say otherwise; eagerly, ``autograd.grad`` of the same loss.
+        otherwise they are constants. Compiled unless the settings say otherwise: second order by a
+        ``torch.func.grad`` program (one per architecture and shape), first order (every differentiated
+        tensor a leaf that requires grad) by ``autograd.grad`` through the compiled forward call;
+        eagerly, ``autograd.grad`` of the same loss.
         """
         compiled = self._compiles()
+        if compiled and not create_graph and all(state[n].requires_grad for n in names):
+            # first order: the compiled forward copy (Winograd convolutions on the CPU, which the torch.func programs cannot
+            # run) and its compiled backward, in the gradient programs' layout
+            with torch.enable_grad():
+                loss = F.cross_entropy(self.call("forward", state, x, channels_last=bool(self.speed.channels_last)), labels)
+            return list(torch.autograd.grad(loss, [state[n] for n in names]))
         x = self._layout(x, compiled, bool(self.speed.channels_last))
         module = self._modules["forward"][0]
         with self.autocast():
@@ -163,7 +176,7 @@ def _compiled_copy(module: nn.Module, state: dict[str, torch.Tensor]) -> nn.Modu
     swapped in by ``functional_call`` outside the compiled region, so new values never recompile."""
     key = (type(module), repr(module), *((name, t.shape, t.dtype, t.device) for name, t in state.items()))  # repr: padding, norms
     if key not in _COMPILED:
-        compiled = fusable(copy.deepcopy(module))
+        compiled = fusable(copy.deepcopy(module), winograd=_winograd(next(iter(state.values())).device))
         compiled.compile(dynamic=False)
         _COMPILED[key] = compiled
     return _COMPILED[key]
@@ -177,7 +190,7 @@ def _gradient_program(module: nn.Module, state: dict[str, torch.Tensor], names: 
     the mean cross-entropy with respect to ``params`` (the tensors of ``names``, in order), differentiable in its inputs."""
     key = (type(module), repr(module), tuple(names), *((name, t.shape, t.dtype, t.device) for name, t in state.items()))
     if key not in _GRADIENT_PROGRAMS:
-        network = fusable(copy.deepcopy(module))
+        network = fusable(copy.deepcopy(module), func_transforms=True)
 
         def program(params, rest, x, labels):
             def loss(params):
@@ -188,6 +201,12 @@ def _gradient_program(module: nn.Module, state: dict[str, torch.Tensor], names: 
         options = {"layout_optimization": False} if device.type == "cpu" else None
         _GRADIENT_PROGRAMS[key] = torch.compile(program, dynamic=False, options=options)
     return _GRADIENT_PROGRAMS[key]
+
+
+def _winograd(device: torch.device) -> bool:
+    """Whether compiled copies on ``device`` compute their wide 3x3 convolutions as Winograd convolutions (the CPU, with
+    the transform kernels built; on CUDA, cuDNN picks its own algorithms)."""
+    return device.type == "cpu" and winograd.available()
 
 
 def network_state(network: nn.Module) -> dict[str, torch.Tensor]:
