@@ -94,7 +94,7 @@ def test_a_compiled_winograd_convnet_embedding_equals_the_network_float64():
     """The compiled copy the loops use on the CPU (first block fused, Winograd 3x3 convolutions), forward and input gradient."""
     torch.manual_seed(0)
     net = ConvNet(1, 10, 28, width=32).double()
-    copy = fusable(ConvNet(1, 10, 28, width=32).double(), winograd=True)
+    copy = fusable(ConvNet(1, 10, 28, width=32).double(), cpu_kernels=True)
     copy.load_state_dict(net.state_dict())
     assert sum(isinstance(m, WinogradConv) for m in copy.modules()) == 2
     compiled = torch.compile(copy.embed, dynamic=False)

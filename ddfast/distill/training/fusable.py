@@ -6,15 +6,18 @@ separate passes over the largest feature maps) and the 2x2 average pooling (whos
 lowers as a gather, with an integer division per element). ``fusable(module)`` replaces them, in
 place, by equal computations made of element-wise ops and reshapes, which inductor fuses with the
 norm and ReLU around them; parameter names are unchanged, and values change only by rounding (the
-order of the sums). On the CPU the wide 3x3 convolutions can become Winograd F(4x4, 3x3) convolutions
-(``winograd``: a quarter of the products). Other layers are left as they are.
+order of the sums). With ``cpu_kernels`` (copies on the CPU) the wide 3x3 convolutions become Winograd
+F(4x4, 3x3) convolutions (``winograd``: a quarter of the products). Other layers are left as they are.
 
 A whole first block (few-channel convolution, instance norm or none, ReLU, k x k average pool)
 becomes a ``PooledConvBlock``: it computes the convolution's output as its k x k phases (the
 outputs at rows i = a mod k and columns j = b mod k, each (N, O, H / k, W / k)) from the phases of
 the padded input, so that the norm's statistics, the ReLU and the pool (the mean of the phases)
 and all their gradients are contiguous loops without the pool's gather (a compiled first-order
-gradient of the MNIST ConvNet takes 0.6 of the time of the layer-by-layer form).
+gradient of the MNIST ConvNet takes 0.6 of the time of the layer-by-layer form). With ``cpu_kernels``,
+gradients of its parameters alone (gradient matching's real batches, training epochs) come from one
+compiled kernel for the whole block instead (``conv_block``: 11 ms for the forward and backward of 64
+MNIST images, against about 28 in inductor's kernels for the phase form).
 """
 
 from __future__ import annotations
@@ -24,7 +27,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..._custom_ops import custom_op
+from .conv_block import available as conv_block_kernel_available
+from .conv_block import conv_block
 from .winograd import WinogradConv
+from .winograd import available as winograd_available
 from .winograd import replaceable as winograd_replaceable
 
 MAX_TAPS = 27  # in_channels * kh * kw up to which a convolution becomes a sum of shifted products (RGB 3x3)
@@ -149,9 +155,10 @@ class PooledConvBlock(nn.Module):
     output is not divisible by k (the pool drops rows the norm counts), it runs the layers one after the other instead.
     """
 
-    def __init__(self, conv: nn.Conv2d, norm: NormParameters | None, k: int, *, tap_major: bool = True):
+    def __init__(self, conv: nn.Conv2d, norm: NormParameters | None, k: int, *, tap_major: bool = True, kernel: bool = False):
         super().__init__()
         self.weight, self.bias, self.padding, self.k, self.tap_major = conv.weight, conv.bias, conv.padding, k, tap_major
+        self.kernel = kernel and norm is not None  # conv_block where it applies (_block_kernel_applies)
         self._norm = (norm,)  # not a submodule: its parameters keep their names at the norm's place
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -159,6 +166,9 @@ class PooledConvBlock(nn.Module):
         height, width = x.shape[-2] + 2 * ph - kh + 1, x.shape[-1] + 2 * pw - kw + 1
         if height % k or width % k:
             return self._layers(x)
+        norm = self._norm[0]
+        if self.kernel and _block_kernel_applies(x):
+            return conv_block(x, self.weight, self.bias, norm.weight, norm.bias, self.padding, k, norm.eps)
         h, w = height // k, width // k
         padded = F.pad(x, (pw, pw + (-(x.shape[-1] + 2 * pw)) % k, ph, ph + (-(x.shape[-2] + 2 * ph)) % k))
         source, taps = phase_split(padded, k), tap_columns(self.weight, self.tap_major)
@@ -196,32 +206,46 @@ class PooledConvBlock(nn.Module):
         return block_mean(torch.relu(y), self.k)
 
 
-def fusable(module: nn.Module, *, winograd: bool = False, func_transforms: bool = False) -> nn.Module:
+def _block_kernel_applies(x: torch.Tensor) -> bool:
+    """Whether ``conv_block`` computes a block's call: float32 / float64 on the CPU outside autocast, when gradients are
+    recorded for the parameters only (the real batches of gradient matching, training epochs). Without gradients, or with
+    the input's too (DM's synthetic side), the compiled phase form is faster (2.3 against 3.0 ms forward for 64 MNIST
+    images; 6.8 against 8.3 ms for the synthetic side's forward and backward of 10)."""
+    return (x.device.type == "cpu" and x.dtype in (torch.float32, torch.float64) and torch.is_grad_enabled() and not x.requires_grad
+            and not torch.is_autocast_enabled("cpu"))
+
+
+def fusable(module: nn.Module, *, cpu_kernels: bool = False, func_transforms: bool = False) -> nn.Module:
     """``module`` with its first blocks, few-channel convolutions and non-overlapping average pools replaced (in place; returned).
 
-    ``winograd``: its wide 3x3 convolutions too, by ``WinogradConv`` (CPU). ``func_transforms``: the copy runs under
-    ``torch.func`` transforms (the compiled gradient programs), which do not run operators' registered autograd formulas:
-    no tap-major weight copies and no Winograd convolutions there.
+    ``cpu_kernels``: where ddfast's CPU kernels are built, its wide 3x3 convolutions become ``WinogradConv`` and its first
+    blocks run ``conv_block`` where that pays. ``func_transforms``: the copy runs under ``torch.func`` transforms (the
+    compiled gradient programs), which do not run operators' registered autograd formulas: none of ddfast's operators on
+    parameter-dependent values there (no kernels, no tap-major weight copies).
     """
-    if func_transforms:
-        winograd = False
+    options = {"tap_major": not func_transforms, "kernel": cpu_kernels and not func_transforms and conv_block_kernel_available()}
+    winograd = cpu_kernels and not func_transforms and winograd_available()
+    _rewrite(module, options, winograd)
+    return module
+
+
+def _rewrite(module: nn.Module, options: dict, winograd: bool) -> None:
     if isinstance(module, nn.Sequential):
-        _fuse_blocks(module, tap_major=not func_transforms)
+        _fuse_blocks(module, options)
     for name, child in module.named_children():
         if isinstance(child, (PooledConvBlock, NormParameters)):
             continue
         if _is_shiftable(child):
-            setattr(module, name, ShiftedConv(child, tap_major=not func_transforms))
+            setattr(module, name, ShiftedConv(child, tap_major=options["tap_major"]))
         elif _is_block_pool(child):
             setattr(module, name, BlockMean(_single(child.kernel_size)))
         elif winograd and winograd_replaceable(child):
             setattr(module, name, WinogradConv(child))
         else:
-            fusable(child, winograd=winograd, func_transforms=func_transforms)
-    return module
+            _rewrite(child, options, winograd)
 
 
-def _fuse_blocks(sequence: nn.Sequential, *, tap_major: bool) -> None:
+def _fuse_blocks(sequence: nn.Sequential, options: dict) -> None:
     """Each conv, norm, ReLU, pool run of ``sequence`` that ``PooledConvBlock`` computes, replaced by one (names kept)."""
     layers = list(sequence)
     for i in range(len(layers) - 3):
@@ -229,7 +253,7 @@ def _fuse_blocks(sequence: nn.Sequential, *, tap_major: bool) -> None:
         pooled = _is_block_pool(pool) and _single(pool.kernel_size) > 1  # k = 1 has one phase: nothing to gain
         if _is_shiftable(conv) and (_is_instance_norm(norm) or type(norm) is nn.Identity) and type(relu) is nn.ReLU and pooled:
             held = NormParameters(norm) if _is_instance_norm(norm) else None
-            sequence[i] = PooledConvBlock(conv, held, _single(pool.kernel_size), tap_major=tap_major)
+            sequence[i] = PooledConvBlock(conv, held, _single(pool.kernel_size), **options)
             sequence[i + 1], sequence[i + 2], sequence[i + 3] = held or nn.Identity(), nn.Identity(), nn.Identity()
             layers = list(sequence)
 

@@ -15,7 +15,8 @@ serves every iteration:
   ``autograd.grad`` twice); a first-order one by ``autograd.grad`` through a compiled forward call.
   Compiled calls and programs run a copy of the network in fusable form (``fusable``: the first block
   computed over its pool's phases, the other 2x2 pools as reshaped means; on the CPU, outside the
-  ``torch.func`` programs, the wide 3x3 convolutions as Winograd F(4x4, 3x3), ``winograd``). Each input
+  ``torch.func`` programs, the wide 3x3 convolutions as Winograd F(4x4, 3x3), ``winograd``, and the
+  first block of parameter-only gradients as one kernel, ``conv_block``). Each input
   shape compiles once (seconds to a minute on a CPU: ``compile_seconds``); if compiling fails, a
   warning names why and the calls run eagerly.
 - ``precision``: ``float32`` (default), or ``bfloat16`` autocast of the network calls (opt-in: values
@@ -39,7 +40,6 @@ from torch import nn
 from torch.func import functional_call
 
 from ..settings import SettingError
-from . import winograd
 from .fusable import fusable
 
 PRECISIONS = ("float32", "bfloat16")
@@ -176,7 +176,7 @@ def _compiled_copy(module: nn.Module, state: dict[str, torch.Tensor]) -> nn.Modu
     swapped in by ``functional_call`` outside the compiled region, so new values never recompile."""
     key = (type(module), repr(module), *((name, t.shape, t.dtype, t.device) for name, t in state.items()))  # repr: padding, norms
     if key not in _COMPILED:
-        compiled = fusable(copy.deepcopy(module), winograd=_winograd(next(iter(state.values())).device))
+        compiled = fusable(copy.deepcopy(module), cpu_kernels=next(iter(state.values())).device.type == "cpu")
         compiled.compile(dynamic=False)
         _COMPILED[key] = compiled
     return _COMPILED[key]
@@ -201,12 +201,6 @@ def _gradient_program(module: nn.Module, state: dict[str, torch.Tensor], names: 
         options = {"layout_optimization": False} if device.type == "cpu" else None
         _GRADIENT_PROGRAMS[key] = torch.compile(program, dynamic=False, options=options)
     return _GRADIENT_PROGRAMS[key]
-
-
-def _winograd(device: torch.device) -> bool:
-    """Whether compiled copies on ``device`` compute their wide 3x3 convolutions as Winograd convolutions (the CPU, with
-    the transform kernels built; on CUDA, cuDNN picks its own algorithms)."""
-    return device.type == "cpu" and winograd.available()
 
 
 def network_state(network: nn.Module) -> dict[str, torch.Tensor]:
