@@ -153,12 +153,13 @@ class PooledConvBlock(nn.Module):
     Holds ``conv``'s ``weight`` (O, C, kh, kw) and ``bias`` (O or None); ``norm`` (a ``NormParameters`` registered elsewhere
     under the norm's own name, or None) is read at each call. (N, C, H, W) -> (N, O, H_out / k, W_out / k). Where the conv's
     output is not divisible by k (the pool drops rows the norm counts), it runs the layers one after the other instead.
+    ``tap_major``: weight columns from ``tap_columns``' copy; ``kernel``: ``conv_block`` where it applies (with a norm).
     """
 
     def __init__(self, conv: nn.Conv2d, norm: NormParameters | None, k: int, *, tap_major: bool = True, kernel: bool = False):
         super().__init__()
         self.weight, self.bias, self.padding, self.k, self.tap_major = conv.weight, conv.bias, conv.padding, k, tap_major
-        self.kernel = kernel and norm is not None  # conv_block where it applies (_block_kernel_applies)
+        self.kernel = kernel and norm is not None  # where _block_kernel_applies
         self._norm = (norm,)  # not a submodule: its parameters keep their names at the norm's place
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
