@@ -74,9 +74,9 @@ def test_conv_block_names_bad_input(x, weight, message):
         conv_block(x, weight, None, None, None, (1, 1), 2, 1e-5)
 
 
-def test_compiled_copies_use_the_kernel_for_parameter_gradients_only(monkeypatch):
-    """fusable(cpu_kernels=True) blocks: the kernel for gradients of the parameters (input without gradient), the phase
-    form otherwise; the values are the network's (float64)."""
+def test_compiled_copies_use_the_kernel_for_inputs_without_gradient(monkeypatch):
+    """fusable(cpu_kernels=True) blocks: the kernel where the input needs no gradient (with or without the parameters'),
+    the phase form where it does; the values are the network's (float64)."""
     calls = []
     forward = block_kernel.conv_block_forward
     monkeypatch.setattr("ddfast.distill.training.fusable.conv_block",
@@ -96,6 +96,6 @@ def test_compiled_copies_use_the_kernel_for_parameter_gradients_only(monkeypatch
             torch.testing.assert_close(g, e, rtol=1e-10, atol=1e-12)
     with torch.no_grad():
         torch.testing.assert_close(copy(x), net(x), rtol=1e-12, atol=1e-13)
-    assert calls == [False]  # once, for the parameters' gradients: not with the input's, not without gradients
+    assert calls == [False, False]  # the parameters' gradients and the forward without gradients; not with the input's
     assert not fusable(nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.GroupNorm(4, 4), nn.ReLU(), nn.AvgPool2d(2)),
                        cpu_kernels=True, func_transforms=True)[0].kernel

@@ -62,20 +62,35 @@ std::vector<int64_t> tap_offsets(const Shape& s) {
 }
 
 // The convolution of one padded image for output channels [ob, ob + count): y[p] for the Ho x Wo output pixels p.
-template <typename T>
-void convolve(const T* padded, const T* taps, const T* bias, const Shape& s, const std::vector<int64_t>& offsets, int64_t ob, int count,
-              Vec<T>* y) {
-  std::vector<Vec<T>> w(offsets.size());
-  for (size_t t = 0; t < offsets.size(); ++t) w[t] = Vec<T>::loadu(taps + t * s.o + ob, count);
+// kTaps > 0: that many taps, known to the compiler (the weight vectors stay in registers); 0: offsets.size().
+template <int kTaps, typename T>
+void convolve_taps(const T* padded, const T* taps, const T* bias, const Shape& s, const std::vector<int64_t>& offsets, int64_t ob,
+                   int count, Vec<T>* y) {
+  const int64_t n_taps = kTaps > 0 ? kTaps : static_cast<int64_t>(offsets.size());
+  std::vector<Vec<T>> w(n_taps);
+  for (int64_t t = 0; t < n_taps; ++t) w[t] = Vec<T>::loadu(taps + t * s.o + ob, count);
   const Vec<T> b = Vec<T>::loadu(bias + ob, count);
   for (int64_t r = 0; r < s.ho(); ++r) {
     for (int64_t q = 0; q < s.wo(); ++q) {
       const T* at = padded + r * s.wp() + q;
       Vec<T> acc = b;
-      for (size_t t = 0; t < offsets.size(); ++t) acc = at::vec::fmadd(w[t], Vec<T>(at[offsets[t]]), acc);
+      if constexpr (kTaps > 0) {
+        Vec<T> fixed[kTaps];
+        for (int t = 0; t < kTaps; ++t) fixed[t] = w[t];
+        for (int t = 0; t < kTaps; ++t) acc = at::vec::fmadd(fixed[t], Vec<T>(at[offsets[t]]), acc);
+      } else {
+        for (int64_t t = 0; t < n_taps; ++t) acc = at::vec::fmadd(w[t], Vec<T>(at[offsets[t]]), acc);
+      }
       y[r * s.wo() + q] = acc;
     }
   }
+}
+
+template <typename T>
+void convolve(const T* padded, const T* taps, const T* bias, const Shape& s, const std::vector<int64_t>& offsets, int64_t ob, int count,
+              Vec<T>* y) {
+  if (offsets.size() == 9) return convolve_taps<9>(padded, taps, bias, s, offsets, ob, count, y);  // one channel, 3 x 3
+  convolve_taps<0>(padded, taps, bias, s, offsets, ob, count, y);
 }
 
 // weight (O, C, kh, kw) as taps (C kh kw, O): a tap's weights over the output channels are contiguous.

@@ -3,8 +3,8 @@ on the CPU, forward and backward (``csrc/conv_block/conv_block_cpu.cpp``).
 
 Each image's convolution output for a vector of output channels stays in a small buffer through the norm's
 statistics, the ReLU and the pool; the backward recomputes it from the few-channel input rather than reading
-saved 32 x 32 x 128 maps, where inductor's kernels for the same block pass over those maps many times (about
-20 ms of a compiled gradient of 64 MNIST images). First-order only: its gradient is not differentiable again
+saved 32 x 32 x 128 maps, where inductor's kernels for the same block pass over those maps many times (64 MNIST
+images: 1.2 ms forward, 7.5 ms with the parameters' gradients, against 2.3 and about 28). First-order only: its gradient is not differentiable again
 (differentiating it raises), and ``torch.func`` transforms do not run it (``fusable``'s ``func_transforms``).
 Values equal the layers' to rounding (the order of the sums).
 """

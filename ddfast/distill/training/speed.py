@@ -16,7 +16,7 @@ serves every iteration:
   Compiled calls and programs run a copy of the network in fusable form (``fusable``: the first block
   computed over its pool's phases, the other 2x2 pools as reshaped means; on the CPU, outside the
   ``torch.func`` programs, the wide 3x3 convolutions as Winograd F(4x4, 3x3), ``winograd``, and the
-  first block of parameter-only gradients as one kernel, ``conv_block``). Each input
+  first block of calls on inputs without gradient as one kernel, ``conv_block``). Each input
   shape compiles once (seconds to a minute on a CPU: ``compile_seconds``); if compiling fails, a
   warning names why and the calls run eagerly.
 - ``precision``: ``float32`` (default), or ``bfloat16`` autocast of the network calls (opt-in: values
